@@ -1,0 +1,42 @@
+# One entry point for people and CI. Every target creates .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+# Extra arguments for `make run`, e.g. make run ARGS="--model deit_tiny_patch16_224"
+ARGS    ?=
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install run test bench train-demo eval lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision first and pinned: these builds are on local disk here; a bare
+	# `torch` requirement could otherwise pull a multi-GB build from the registry.
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m service serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m service.bench
+
+train-demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m service.demo.train
+
+eval: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m service.demo.evaluate
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
