@@ -1,0 +1,126 @@
+"""The explanation methods: small pure functions over captured tensors, batched.
+
+Shapes: B batch, L blocks, H heads, N = P + gh*gw tokens (P prefix tokens: class token first,
+then distillation/register tokens), D head dim. No I/O, no HTTP, no model here: only tensors in
+and tensors out, on whatever device they arrive.
+
+Definitions (per image; see README "The methods"):
+  fuse(X)      mean, max or min over heads
+  discard(F,r) zero the floor(r*N*N) smallest entries of F, never F[0, 0]
+  rollout      R = Â_L ... Â_1 with Â_l = rownorm(F_l + I); the map is R[0, P:] / max
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+Fusion = Literal["mean", "max", "min"]
+FUSIONS: tuple[Fusion, ...] = ("mean", "max", "min")
+
+
+def fuse_heads(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
+    """(B, H, ...) -> (B, ...): mean, max or min over the head dimension."""
+    if fusion == "mean":
+        return x.mean(dim=1)
+    if fusion == "max":
+        return x.amax(dim=1)
+    if fusion == "min":
+        return x.amin(dim=1)
+    raise ValueError(f"unknown head fusion {fusion!r}")
+
+
+def discard_lowest(f: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(B, N, N) -> (B, N, N) with the floor(ratio*N*N) smallest entries of each matrix zeroed.
+
+    F[0, 0] (class token to itself) is never zeroed. Selection is by threshold (the k-th
+    smallest value, O(N^2) selection rather than a sort); entries tied with it are zeroed
+    too, which only matters for exact ties (zeros among them change nothing).
+    """
+    b, n, _ = f.shape
+    k = math.floor(ratio * n * n)
+    if k <= 0:
+        return f
+    flat = f.reshape(b, n * n)
+    threshold = flat.kthvalue(k, dim=-1, keepdim=True).values  # (B, 1)
+    drop = flat <= threshold
+    drop[:, 0] = False
+    return flat.masked_fill(drop, 0.0).view(b, n, n)
+
+
+def rollout_row(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row 0 of Â_L ... Â_1, with Â_l = rownorm(W_l + I), for W_l (B, N, N) >= 0 in block order.
+
+    Computed as a vector times the chain, last block first: O(L*N^2), never an N x N product.
+    With d = rowsum(W) + 1: v^T Â = (v/d)^T W + (v/d)^T.
+    """
+    b, n, _ = weights[0].shape
+    v = torch.zeros(b, n, dtype=weights[0].dtype, device=weights[0].device)
+    v[:, 0] = 1.0
+    for w in reversed(weights):
+        u = v / (w.sum(dim=-1) + 1.0)  # (B, N)
+        v = torch.bmm(u.unsqueeze(1), w).squeeze(1) + u
+    return v
+
+
+def normalize_max(x: torch.Tensor) -> torch.Tensor:
+    """Divide each map (last two dims) by its maximum; an all-zero map stays zero."""
+    peak = x.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(peak > 0, x / torch.where(peak > 0, peak, 1.0), torch.zeros_like(x))
+
+
+def patch_map(row: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(..., N) token values -> (..., gh, gw) over the patch tokens, dropping the P prefix tokens."""
+    return row[..., prefix:].reshape(*row.shape[:-1], *grid)
+
+
+def attention_rollout(
+    attn: Sequence[torch.Tensor], fusion: Fusion, discard_ratio: float, prefix: int, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Attention Rollout. attn: per block (B, H, N, N) post-softmax -> masks (B, gh, gw) in [0, 1]."""
+    weights = [discard_lowest(fuse_heads(a, fusion), discard_ratio) for a in attn]
+    return normalize_max(patch_map(rollout_row(weights), prefix, grid))
+
+
+def grad_rollout(
+    attn: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    fusion: Fusion,
+    discard_ratio: float,
+    prefix: int,
+    grid: tuple[int, int],
+) -> torch.Tensor:
+    """Gradient Attention Rollout: W_l = max(fuse(A_l * dy/dA_l), 0), then rollout as above.
+
+    attn, grads: per block (B, H, N, N), the gradient of each image's own class logit.
+    """
+    weights = [
+        discard_lowest(fuse_heads(a * g, fusion).clamp_min(0.0), discard_ratio) for a, g in zip(attn, grads)
+    ]
+    return normalize_max(patch_map(rollout_row(weights), prefix, grid))
+
+
+def class_attention(
+    attn: Sequence[torch.Tensor], head: int | Fusion, prefix: int, grid: tuple[int, int]
+) -> torch.Tensor:
+    """The class token's attention to the patches in every block -> (B, L, gh, gw), each map / its max."""
+    rows = []
+    for a in attn:  # (B, H, N, N)
+        cls = a[:, :, 0, :]  # (B, H, N)
+        rows.append(cls[:, head] if isinstance(head, int) else fuse_heads(cls, head))
+    return normalize_max(patch_map(torch.stack(rows, dim=1), prefix, grid))
+
+
+def qk_image(t: torch.Tensor, head: int, channel: int, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """sigmoid of one channel of one head of q or k (B, H, N, D) over the patches -> (B, gh, gw)."""
+    return torch.sigmoid(patch_map(t[:, head, :, channel], prefix, grid))
+
+
+def attention_grad(grad_o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """dy/dA (B, H, N, N) from dy/do (B, N, H*D) and v (B, H, N, D), since o = A v."""
+    b, n, _ = grad_o.shape
+    h, d = v.shape[1], v.shape[3]
+    return grad_o.view(b, n, h, d).transpose(1, 2) @ v.transpose(-2, -1)
