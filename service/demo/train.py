@@ -1,0 +1,214 @@
+"""Train the offline demo model: a small timm ViT that names the shape in a synthetic scene.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m service.demo.train      # what `make train-demo` runs
+
+The model is a narrow ViT (patch 16 on 224x224, 14x14 grid, 3 heads, class token,
+token pooling) trained from scratch on scenes from :mod:`service.demo.scenes`:
+60% single-object scenes (one-hot target) and 40% two-object scenes (target 0.5 on
+each present class), so each present class's logit depends on its own object's
+patches, which class-specific explanations rely on.
+
+To fit a CPU budget the bulk of training runs at 112x112 (7x7 patches, ~4x cheaper);
+the position embedding is then resampled to 14x14 and training finishes at 224x224
+with exactly the service's preprocessing (resize to 224, mean = std = 0.5).
+The result is saved with ``timm.models.save_for_hf`` to service/demo/shapes-vit and
+loads with ``timm.create_model("local-dir:<path>", pretrained=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+from service.demo.scenes import CLASS_NAMES, SIZE, make_scene, scene_rng
+
+MODEL_DIR = Path(__file__).parent / "shapes-vit"
+MEAN = STD = (0.5, 0.5, 0.5)
+TRAIN_SEED = 1  # scenes for training: scene_rng(TRAIN_SEED, i)
+EVAL_SEED = 20250  # held-out scenes, never used for training
+TWO_OBJECT_SHARE = 0.4
+
+ARCH = dict(embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
+"""Architecture overrides on timm's vit_tiny_patch16_224 (which has embed_dim 192, depth 12)."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _render(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training scene `index`: image (SIZE, SIZE, 3) uint8 and soft target (C,) float32."""
+    n_objects = 2 if (index % 10) < 10 * TWO_OBJECT_SHARE else 1
+    image, objects = make_scene(scene_rng(TRAIN_SEED, index), n_objects)
+    target = np.zeros(len(CLASS_NAMES), np.float32)
+    for class_id, _mask in objects:
+        target[class_id] = 1.0 / len(objects)
+    return np.asarray(image), target
+
+
+def build_pool(n: int, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render n training scenes in parallel: images (n, SIZE, SIZE, 3) uint8, targets (n, C) float32."""
+    images = torch.empty((n, SIZE, SIZE, 3), dtype=torch.uint8)
+    targets = torch.empty((n, len(CLASS_NAMES)), dtype=torch.float32)
+    with Pool(workers) as pool:
+        for i, (image, target) in enumerate(pool.imap(_render, range(n), chunksize=64)):
+            images[i] = torch.from_numpy(image)
+            targets[i] = torch.from_numpy(target)
+    return images, targets
+
+
+def preprocess(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, size, size), as the service does (squash resize)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Class-preserving augmentation of uint8 (B, H, W, 3): a random flip/rot90 per batch, channel shuffle per image."""
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    images = torch.rot90(images, k, dims=(1, 2))
+    if torch.rand(1, generator=gen) < 0.5:
+        images = images.flip(2)
+    perm = torch.argsort(torch.rand(images.shape[0], 3, generator=gen), dim=1)  # (B, 3)
+    return torch.gather(images, 3, perm[:, None, None, :].expand_as(images))
+
+
+# --------------------------------------------------------------------------- model
+
+
+def create_model() -> torch.nn.Module:
+    """A freshly initialised demo ViT whose pretrained_cfg records the preprocessing it is trained with."""
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=SIZE,
+        patch_size=16,
+        class_token=True,
+        global_pool="token",
+        num_classes=len(CLASS_NAMES),
+        pretrained_cfg_overlay=dict(
+            mean=MEAN,
+            std=STD,
+            input_size=(3, SIZE, SIZE),
+            interpolation="bilinear",
+            crop_pct=1.0,
+            crop_mode="center",
+            num_classes=len(CLASS_NAMES),
+            label_names=CLASS_NAMES,
+        ),
+        **ARCH,
+    )
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak`, then cosine decay to 1% of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train_phase(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    size: int,
+    steps: int,
+    batch: int,
+    peak_lr: float,
+    gen: torch.Generator,
+) -> None:
+    """Train `steps` AdamW steps at input resolution `size` with soft-target cross entropy."""
+    model.set_input_size(img_size=(size, size))  # resamples the position embedding to the new grid
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}])
+    model.train()
+    start, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, peak_lr, warmup=max(1, steps // 20))
+        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
+        x = preprocess(augment(images[idx], gen), size)  # (B, 3, size, size)
+        y = targets[idx]  # (B, C) soft targets
+        logits = model(x)  # (B, C)
+        loss = torch.sum(-y * F.log_softmax(logits, dim=1), dim=1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        single = y.max(dim=1).values == 1.0
+        correct += int((logits.argmax(1) == y.argmax(1))[single].sum())
+        seen += int(single.sum())
+        loss_sum += float(loss)
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            print(
+                f"  {size}px step {step + 1}/{steps}  loss {loss_sum / 50:.3f}  "
+                f"train acc (1-object) {correct / max(seen, 1):.3f}  {time.time() - start:.0f}s",
+                flush=True,
+            )
+            seen, correct, loss_sum = 0, 0, 0.0
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, n: int = 1000, seed: int = EVAL_SEED) -> float:
+    """Top-1 accuracy on n fresh single-object scenes from `seed`, at SIZE with service preprocessing."""
+    model.eval()
+    correct = 0
+    for lo in range(0, n, 100):
+        scenes = [make_scene(scene_rng(seed, i), 1) for i in range(lo, min(n, lo + 100))]
+        x = preprocess(torch.from_numpy(np.stack([np.asarray(img) for img, _ in scenes])))
+        y = torch.tensor([objects[0][0] for _, objects in scenes])
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / n
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the demo shapes ViT.")
+    parser.add_argument("--pool", type=int, default=30000, help="training scenes rendered once and reused")
+    parser.add_argument("--steps-low", type=int, default=900, help="steps at 112x112 (batch 128)")
+    parser.add_argument("--steps-high", type=int, default=300, help="steps at 224x224 (batch 64)")
+    parser.add_argument("--out", type=Path, default=MODEL_DIR)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.time()
+
+    images, targets = build_pool(args.pool)
+    print(f"rendered {args.pool} training scenes in {time.time() - t0:.0f}s", flush=True)
+
+    model = create_model()
+    train_phase(model, images, targets, size=SIZE // 2, steps=args.steps_low, batch=128, peak_lr=1.5e-3, gen=gen)
+    train_phase(model, images, targets, size=SIZE, steps=args.steps_high, batch=64, peak_lr=3e-4, gen=gen)
+    train_time = time.time() - t0
+    print(f"trained in {train_time / 60:.1f} min", flush=True)
+
+    accuracy = evaluate(model)
+    print(f"held-out single-object accuracy: {accuracy:.4f} (1000 scenes, seed {EVAL_SEED})", flush=True)
+
+    model.eval()
+    timm.models.save_for_hf(
+        model,
+        str(args.out),
+        model_config={"label_names": CLASS_NAMES},
+        safe_serialization=True,
+    )
+    print(f"saved to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
