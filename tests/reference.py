@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,15 +22,37 @@ def preprocess(img: Image.Image, model) -> torch.Tensor:
     """Squash-resize the whole image to the input size and normalise with the model's statistics."""
     cfg = model.pretrained_cfg
     h, w = cfg["input_size"][1:]
-    interp = transforms.InterpolationMode(cfg.get("interpolation", "bicubic"))
     t = transforms.Compose(
         [
-            transforms.Resize((h, w), interpolation=interp),
+            transforms.Resize((h, w), interpolation=transforms.InterpolationMode(cfg.get("interpolation", "bicubic"))),
             transforms.ToTensor(),
             transforms.Normalize(cfg["mean"], cfg["std"]),
         ]
     )
     return t(img.convert("RGB"))
+
+
+@dataclass
+class Captured:
+    logits: torch.Tensor  # (C,)
+    attn: list[torch.Tensor]  # per layer (H, N, N), post-softmax
+    q: list[torch.Tensor]  # per layer (H, N, D), after q_norm, before scaling
+    k: list[torch.Tensor]
+    grads: list[torch.Tensor] | None = None  # per layer d logit_c / d attn, (H, N, N)
+
+
+def fuse(x: torch.Tensor, fusion: str) -> torch.Tensor:
+    """Over the head dimension (dim 0)."""
+    return {"mean": lambda: x.mean(0), "max": lambda: x.max(0).values, "min": lambda: x.min(0).values}[fusion]()
+
+
+def discard(f: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the floor(ratio*N*N) smallest entries, except [0, 0]."""
+    n = f.shape[0]
+    flat = f.flatten().clone()
+    order = torch.argsort(flat, stable=True)[: math.floor(ratio * n * n)]
+    flat[order[order != 0]] = 0
+    return flat.view(n, n)
 
 
 class Reference:
@@ -38,81 +61,69 @@ class Reference:
         self.prefix = self.model.num_prefix_tokens
         self.grid = tuple(self.model.patch_embed.grid_size)
         self._attn: list[torch.Tensor] = []
-        for blk in self.model.blocks:
-            blk.attn.fused_attn = False  # this private copy only
-            blk.attn.attn_drop.register_forward_hook(lambda m, i, o: self._attn.append(o))
         self._q: list[torch.Tensor] = []
         self._k: list[torch.Tensor] = []
         for blk in self.model.blocks:
+            blk.attn.fused_attn = False  # this private copy only
+            blk.attn.attn_drop.register_forward_hook(lambda m, i, o: self._attn.append(o))
             blk.attn.q_norm.register_forward_hook(lambda m, i, o: self._q.append(o))
             blk.attn.k_norm.register_forward_hook(lambda m, i, o: self._k.append(o))
 
-    def forward(self, x: torch.Tensor, grad: bool = False):
-        """x (3, H, W) -> logits (C,), attention per layer (H, N, N), q and k per layer (H, N, D)."""
-        self._attn.clear(); self._q.clear(); self._k.clear()
-        with torch.set_grad_enabled(grad):
-            xb = x[None].double()
-            if grad:
-                self.model.requires_grad_(True)
-            logits = self.model(xb)[0]
-        return logits, [a[0] for a in self._attn], [q[0] for q in self._q], [k[0] for k in self._k]
+    def run(self, x: torch.Tensor, category: int | None = None) -> Captured:
+        """x (3, H, W). With a category, also the gradient of its logit w.r.t. every attention."""
+        for store in (self._attn, self._q, self._k):
+            store.clear()
+        self.model.requires_grad_(category is not None)
+        with torch.set_grad_enabled(category is not None):
+            logits = self.model(x[None].double())[0]
+        attn = list(self._attn)
+        grads = None
+        if category is not None:
+            for a in attn:
+                a.retain_grad()
+            logits[category].backward()
+            grads = [a.grad[0] for a in attn]
+            self.model.zero_grad(set_to_none=True)
+        return Captured(
+            logits=logits.detach(),
+            attn=[a.detach()[0] for a in attn],
+            q=[q.detach()[0] for q in self._q],
+            k=[k.detach()[0] for k in self._k],
+            grads=grads,
+        )
 
-    # -- definitions --------------------------------------------------------------------------
-    @staticmethod
-    def fuse(x: torch.Tensor, fusion: str) -> torch.Tensor:
-        return {"mean": lambda: x.mean(0), "max": lambda: x.max(0).values, "min": lambda: x.min(0).values}[fusion]()
-
-    @staticmethod
-    def discard(f: torch.Tensor, ratio: float) -> torch.Tensor:
-        n = f.shape[0]
-        k = math.floor(ratio * n * n)
-        flat = f.flatten().clone()
-        order = torch.argsort(flat, stable=True)[:k]
-        order = order[order != 0]
-        flat[order] = 0
-        return flat.view(n, n)
-
+    # -- the maps, from the definitions --------------------------------------------------------
     def _rollout(self, weights: list[torch.Tensor]) -> np.ndarray:
         n = weights[0].shape[0]
         eye = torch.eye(n, dtype=torch.float64)
         r = eye.clone()
         for w in weights:
             a = w + eye
-            a = a / a.sum(dim=-1, keepdim=True)  # each row sums to 1
+            a = a / a.sum(dim=-1, keepdim=True)  # rows sum to 1
             r = a @ r  # R = Â_l ... Â_1
-        row = r[0, self.prefix:].reshape(self.grid)
+        row = r[0, self.prefix :].reshape(self.grid)
         return (row / row.max() if row.max() > 0 else row).numpy()
 
-    def rollout(self, x: torch.Tensor, fusion: str = "max", ratio: float = 0.9) -> np.ndarray:
-        _, attn, _, _ = self.forward(x)
-        return self._rollout([self.discard(self.fuse(a, fusion), ratio) for a in attn])
+    def rollout(self, c: Captured, fusion: str = "max", ratio: float = 0.9) -> np.ndarray:
+        return self._rollout([discard(fuse(a, fusion), ratio) for a in c.attn])
 
-    def grad_rollout(self, x: torch.Tensor, category: int, fusion: str = "mean", ratio: float = 0.9) -> np.ndarray:
-        logits, _, _, _ = self.forward(x, grad=True)
-        attn = list(self._attn)  # the (1, H, N, N) tensors the model multiplied with v
-        for a in attn:
-            a.retain_grad()
-        logits[category].backward()
-        weights = [self.discard(self.fuse(a.detach()[0] * a.grad[0], fusion).clamp(min=0), ratio) for a in attn]
-        self.model.zero_grad(set_to_none=True)
-        return self._rollout(weights)
+    def grad_rollout(self, c: Captured, fusion: str = "mean", ratio: float = 0.9) -> np.ndarray:
+        assert c.grads is not None
+        return self._rollout([discard(fuse(a * g, fusion).clamp(min=0), ratio) for a, g in zip(c.attn, c.grads)])
 
-    def attention(self, x: torch.Tensor, head) -> np.ndarray:
-        _, attn, _, _ = self.forward(x)
+    def attention(self, c: Captured, head) -> np.ndarray:
         maps = []
-        for a in attn:
-            row = a[head, 0] if isinstance(head, int) else self.fuse(a[:, 0], head)
-            m = row[self.prefix:].reshape(self.grid)
+        for a in c.attn:
+            row = a[head, 0] if isinstance(head, int) else fuse(a[:, 0], head)
+            m = row[self.prefix :].reshape(self.grid)
             maps.append((m / m.max()).numpy())
         return np.stack(maps)
 
-    def qk(self, x: torch.Tensor, layer: int, head: int, channel: int, which: str) -> np.ndarray:
-        _, _, q, k = self.forward(x)
-        t = (q if which == "q" else k)[layer]
-        return torch.sigmoid(t[head, self.prefix:, channel]).reshape(self.grid).numpy()
+    def qk(self, c: Captured, layer: int, head: int, channel: int, which: str) -> np.ndarray:
+        t = (c.q if which == "q" else c.k)[layer]
+        return torch.sigmoid(t[head, self.prefix :, channel]).reshape(self.grid).numpy()
 
-    def predictions(self, x: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:
-        logits, _, _, _ = self.forward(x)
-        p = torch.softmax(logits, -1)
+    def predictions(self, c: Captured, k: int = 5) -> list[tuple[int, float]]:
+        p = torch.softmax(c.logits, -1)
         s, i = p.topk(min(k, p.numel()))
         return list(zip(i.tolist(), s.tolist()))

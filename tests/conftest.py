@@ -1,0 +1,59 @@
+"""Shared fixtures: random-weight timm ViTs saved as local-dir folders, and test images.
+
+No test touches the network: HF_HUB_OFFLINE is set before timm is imported.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.models import save_for_hf
+
+# The three architectures the issue names: a class token; class + distillation token; a 7x7 grid.
+ARCHS = ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch32_224"]
+
+
+def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(arch, pretrained=False).eval()
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[str, torch.nn.Module]:
+    return {a: make_model(a, seed=i) for i, a in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(models, tmp_path_factory) -> dict[str, str]:
+    """Each random model saved the way `timm.models.save_for_hf` writes a local-dir folder."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for arch, m in models.items():
+        save_for_hf(m, str(root / arch), safe_serialization=True)
+        out[arch] = str(root / arch)
+    return out
+
+
+def smooth_image(seed: int, size: tuple[int, int] = (224, 224)) -> Image.Image:
+    """A random image with structure at several scales (w, h), not just pixel noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    layers = []
+    for cells in (4, 16, 64):
+        coarse = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
+        layers.append(np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR), np.float32))
+    return Image.fromarray(np.clip(sum(layers) / len(layers), 0, 255).astype(np.uint8))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
