@@ -1,0 +1,216 @@
+"""The HTTP contract, end to end: a real `python -m service serve` process, real uploads."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import reference as ref
+from tests.conftest import ARCHS, png_bytes, smooth_image
+
+ALIASES = {"deit_tiny_patch16_224": "deit", "deit_tiny_distilled_patch16_224": "distilled", "vit_small_patch32_224": "s32"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, tmp_path_factory):
+    port = _free_port()
+    args = [sys.executable, "-m", "service", "serve", "--port", str(port), "--max-delay-ms", "30", "--max-batch-size", "8"]
+    for arch in ARCHS:
+        args += ["--model", f"{ALIASES[arch]}=local-dir:{model_dirs[arch]}"]
+    args += ["--model", f"missing=local-dir:{tmp_path_factory.mktemp('empty')}"]
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    with httpx.Client(base_url=base, timeout=30) as client:
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"server did not become ready:\n{log.read()}")
+            time.sleep(0.3)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def refs(models):
+    return {ALIASES[a]: ref.Reference(m) for a, m in models.items()}
+
+
+def post(client, path, img: Image.Image | bytes, **fields):
+    data = img if isinstance(img, bytes) else png_bytes(img)
+    return client.post(path, files={"image": ("x.png", data, "image/png")}, data={k: str(v) for k, v in fields.items()})
+
+
+def _ref_input(r: ref.Reference, img: Image.Image):
+    return ref.preprocess(img, r.model)
+
+
+# -- metadata ------------------------------------------------------------------------------------
+def test_models_lists_every_model_with_status(client):
+    got = {m["name"]: m for m in client.get("/models").json()}
+    assert got["deit"]["grid"] == [14, 14] and got["deit"]["prefix_tokens"] == 1 and got["deit"]["default"]
+    assert got["distilled"]["prefix_tokens"] == 2
+    assert got["s32"]["grid"] == [7, 7] and got["s32"]["classes"] == 1000
+    assert got["missing"]["status"] == "unavailable" and got["missing"]["reason"]
+    assert all(got[a]["status"] == "ready" and got[a]["device"] == "cpu" for a in ("deit", "distilled", "s32"))
+
+
+def test_health_ready_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert "/grad-rollout" in client.get("/openapi.json").json()["paths"]
+
+
+# -- maps against the reference ------------------------------------------------------------------
+@pytest.mark.parametrize("alias", ["deit", "distilled", "s32"])
+def test_json_maps_match_reference(client, refs, alias):
+    r = refs[alias]
+    img = smooth_image(100)
+    c = r.run(_ref_input(r, img))
+    body = post(client, "/rollout", img, model=alias, format="json").json()
+    assert body["method"] == "rollout" and body["params"] == {"head_fusion": "max", "discard_ratio": 0.9}
+    assert body["grid"] == list(r.grid) and body["model"] == alias
+    np.testing.assert_allclose(body["mask"], r.rollout(c, "max", 0.9), atol=3e-3)
+    assert [p["class_id"] for p in body["predictions"]] == [i for i, _ in r.predictions(c)]
+    assert all(isinstance(p["label"], str) and p["label"] for p in body["predictions"])
+
+    body = post(client, "/rollout", img, model=alias, format="json", head_fusion="mean", discard_ratio=0).json()
+    np.testing.assert_allclose(body["mask"], r.rollout(c, "mean", 0.0), atol=1e-4)
+
+    body = post(client, "/attention", img, model=alias, format="json", head="min").json()
+    np.testing.assert_allclose(body["layers"], r.attention(c, "min"), atol=1e-4)
+
+    body = post(client, "/qk", img, model=alias, format="json", layer=3, head=1, channel=7, which="k").json()
+    np.testing.assert_allclose(body["map"], r.qk(c, 3, 1, 7, "k"), atol=1e-4)
+
+    cg = r.run(_ref_input(r, img), category=42)
+    body = post(client, "/grad-rollout", img, model=alias, format="json", category_id=42).json()
+    assert body["params"] == {"category_id": 42, "head_fusion": "mean", "discard_ratio": 0.9}
+    np.testing.assert_allclose(body["mask"], r.grad_rollout(cg, "mean", 0.9), atol=5e-3)
+
+
+def test_concurrent_requests_with_mixed_parameters_each_get_their_own_answer(client, refs):
+    r = refs["deit"]
+    cases = []
+    for i in range(16):
+        img = smooth_image(200 + i)
+        if i % 3 == 0:
+            cases.append((img, "/rollout", dict(head_fusion=["mean", "max", "min"][i % 3], discard_ratio=[0.0, 0.5, 0.9][i % 3])))
+        elif i % 3 == 1:
+            cases.append((img, "/grad-rollout", dict(category_id=i * 37, head_fusion="max", discard_ratio=0.0)))
+        else:
+            cases.append((img, "/attention", dict(head=i % 3)))
+
+    def call(case):
+        img, path, fields = case
+        with httpx.Client(base_url=str(client.base_url), timeout=120) as c:
+            return post(c, path, img, model="deit", format="json", **fields)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, cases))
+    for (img, path, fields), resp in zip(cases, answers):
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        x = _ref_input(r, img)
+        if path == "/rollout":
+            want, atol = r.rollout(r.run(x), fields["head_fusion"], fields["discard_ratio"]), 3e-3
+            got = body["mask"]
+        elif path == "/grad-rollout":
+            want, atol = r.grad_rollout(r.run(x, fields["category_id"]), "max", 0.0), 1e-4
+            got = body["mask"]
+        else:
+            want, atol, got = r.attention(r.run(x), fields["head"]), 1e-4, body["layers"]
+        np.testing.assert_allclose(got, want, atol=atol)
+
+
+# -- PNG answers -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("path, fields, mode", [
+    ("/rollout", {}, "RGB"), ("/grad-rollout", {"category_id": 5}, "RGB"), ("/qk", {"layer": 2}, "L"),
+])
+def test_png_answers_have_the_uploads_size(client, path, fields, mode):
+    img = smooth_image(7, size=(301, 173))
+    resp = post(client, path, img, **fields)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    out = Image.open(io.BytesIO(resp.content))
+    assert out.size == (301, 173) and out.mode == mode
+    assert int(resp.headers["x-predicted-class"]) >= 0 and resp.headers["x-predicted-label"]
+
+
+def test_attention_png_is_a_montage_of_every_layer(client):
+    resp = post(client, "/attention", smooth_image(8), model="deit")
+    out = Image.open(io.BytesIO(resp.content))
+    assert resp.status_code == 200 and out.size == (4 * 224 + 3 * 4, 3 * 224 + 2 * 4)  # 12 layers, 4 x 3
+
+
+def test_predict(client, refs):
+    img = smooth_image(9)
+    body = post(client, "/predict", img, model="s32").json()
+    r = refs["s32"]
+    want = r.predictions(r.run(_ref_input(r, img)))
+    assert [p["class_id"] for p in body["predictions"]] == [i for i, _ in want]
+    np.testing.assert_allclose([p["score"] for p in body["predictions"]], [s for _, s in want], rtol=1e-4)
+
+
+# -- client mistakes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("path, fields, status, needle", [
+    ("/rollout", {"model": "nope"}, 404, "unknown model"),
+    ("/rollout", {"model": "missing"}, 503, "unavailable"),
+    ("/rollout", {"discard_ratio": 1.0}, 422, "discard_ratio"),
+    ("/rollout", {"discard_ratio": "abc"}, 422, "discard_ratio"),
+    ("/rollout", {"head_fusion": "median"}, 422, "head_fusion"),
+    ("/rollout", {"format": "gif"}, 422, "format"),
+    ("/rollout", {"discard-ratio": 0.5}, 422, "discard-ratio"),
+    ("/grad-rollout", {}, 422, "category_id"),
+    ("/grad-rollout", {"category_id": 1000}, 422, "category_id"),
+    ("/grad-rollout", {"category_id": -1}, 422, "category_id"),
+    ("/attention", {"head": 3}, 422, "head"),
+    ("/attention", {"head": "avg"}, 422, "head"),
+    ("/qk", {"layer": 12}, 422, "layer"),
+    ("/qk", {"channel": 64}, 422, "channel"),
+    ("/qk", {"which": "v"}, 422, "which"),
+])
+def test_bad_parameters_get_clear_json_errors(client, path, fields, status, needle):
+    resp = post(client, path, smooth_image(1), **fields)
+    assert resp.status_code == status, resp.text
+    assert needle in str(resp.json()["detail"])
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, I am text", png_bytes(smooth_image(2))[:200]])
+def test_undecodable_images_get_422(client, data):
+    resp = post(client, "/rollout", data)
+    assert resp.status_code == 422 and resp.json()["detail"]
+
+
+def test_missing_image_gets_422(client):
+    resp = client.post("/rollout", data={"format": "json"})
+    assert resp.status_code == 422 and "image" in str(resp.json()["detail"])
