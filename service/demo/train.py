@@ -27,6 +27,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from service.demo.scenes import CLASS_NAMES, SIZE, make_scene, scene_rng
 
@@ -35,43 +36,47 @@ MEAN = STD = (0.5, 0.5, 0.5)
 TRAIN_SEED = 1  # scenes for training: scene_rng(TRAIN_SEED, i)
 EVAL_SEED = 20250  # held-out scenes, never used for training
 TWO_OBJECT_SHARE = 0.4
+BATCH = 32
 
-ARCH = dict(embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
+ARCH = dict(embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
 """Architecture overrides on timm's vit_tiny_patch16_224 (which has embed_dim 192, depth 12)."""
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _render(index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training scene `index`: image (SIZE, SIZE, 3) uint8 and soft target (C,) float32."""
+def _render(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training scene `index`: image (SIZE, SIZE, 3) uint8, its half-size copy and soft target (C,) float32."""
     n_objects = 2 if (index % 10) < 10 * TWO_OBJECT_SHARE else 1
     image, objects = make_scene(scene_rng(TRAIN_SEED, index), n_objects)
     target = np.zeros(len(CLASS_NAMES), np.float32)
     for class_id, _mask in objects:
         target[class_id] = 1.0 / len(objects)
-    return np.asarray(image), target
+    half = image.resize((SIZE // 2, SIZE // 2), Image.BILINEAR)  # antialiased downscale
+    return np.asarray(image), np.asarray(half), target
 
 
-def build_pool(n: int, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render n training scenes in parallel: images (n, SIZE, SIZE, 3) uint8, targets (n, C) float32."""
-    images = torch.empty((n, SIZE, SIZE, 3), dtype=torch.uint8)
+def build_pool(n: int, workers: int = 2) -> dict[int, torch.Tensor]:
+    """Render n training scenes in parallel.
+
+    Returns {SIZE: (n, SIZE, SIZE, 3) uint8, SIZE // 2: (n, SIZE/2, SIZE/2, 3) uint8, 0: targets (n, C) float32}.
+    """
+    full = torch.empty((n, SIZE, SIZE, 3), dtype=torch.uint8)
+    half = torch.empty((n, SIZE // 2, SIZE // 2, 3), dtype=torch.uint8)
     targets = torch.empty((n, len(CLASS_NAMES)), dtype=torch.float32)
     with Pool(workers) as pool:
-        for i, (image, target) in enumerate(pool.imap(_render, range(n), chunksize=64)):
-            images[i] = torch.from_numpy(image)
-            targets[i] = torch.from_numpy(target)
-    return images, targets
+        for i, (image, small, target) in enumerate(pool.imap(_render, range(n), chunksize=64)):
+            full[i], half[i], targets[i] = torch.from_numpy(image), torch.from_numpy(small), torch.from_numpy(target)
+    return {SIZE: full, SIZE // 2: half, 0: targets}
 
 
-def preprocess(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, size, size), as the service does (squash resize)."""
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) with MEAN and STD, as the service does.
+
+    Scenes are already SIZE x SIZE, so the service's resize to the model input is the identity.
+    """
     x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -124,13 +129,13 @@ def train_phase(
     images: torch.Tensor,
     targets: torch.Tensor,
     *,
-    size: int,
     steps: int,
     batch: int,
     peak_lr: float,
     gen: torch.Generator,
 ) -> None:
-    """Train `steps` AdamW steps at input resolution `size` with soft-target cross entropy."""
+    """Train `steps` AdamW steps on uint8 images (N, size, size, 3) with soft-target cross entropy."""
+    size = images.shape[1]
     model.set_input_size(img_size=(size, size))  # resamples the position embedding to the new grid
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -141,7 +146,7 @@ def train_phase(
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, peak_lr, warmup=max(1, steps // 20))
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
-        x = preprocess(augment(images[idx], gen), size)  # (B, 3, size, size)
+        x = preprocess(augment(images[idx], gen))  # (B, 3, size, size)
         y = targets[idx]  # (B, C) soft targets
         logits = model(x)  # (B, C)
         loss = torch.sum(-y * F.log_softmax(logits, dim=1), dim=1).mean()
@@ -152,10 +157,10 @@ def train_phase(
         single = y.max(dim=1).values == 1.0
         correct += int((logits.argmax(1) == y.argmax(1))[single].sum())
         seen += int(single.sum())
-        loss_sum += float(loss)
+        loss_sum += loss.item()
         if (step + 1) % 50 == 0 or step + 1 == steps:
             print(
-                f"  {size}px step {step + 1}/{steps}  loss {loss_sum / 50:.3f}  "
+                f"  {size}px step {step + 1}/{steps}  loss {loss_sum / ((step % 50) + 1):.3f}  "
                 f"train acc (1-object) {correct / max(seen, 1):.3f}  {time.time() - start:.0f}s",
                 flush=True,
             )
@@ -177,9 +182,10 @@ def evaluate(model: torch.nn.Module, n: int = 1000, seed: int = EVAL_SEED) -> fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the demo shapes ViT.")
-    parser.add_argument("--pool", type=int, default=30000, help="training scenes rendered once and reused")
-    parser.add_argument("--steps-low", type=int, default=900, help="steps at 112x112 (batch 128)")
-    parser.add_argument("--steps-high", type=int, default=300, help="steps at 224x224 (batch 64)")
+    parser.add_argument("--pool", type=int, default=16000, help="training scenes rendered once and reused")
+    parser.add_argument("--steps-low", type=int, default=2400, help="steps at 112x112")
+    parser.add_argument("--steps-high", type=int, default=500, help="steps at 224x224")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate at 112x112 (a quarter at 224)")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     args = parser.parse_args(argv)
 
@@ -188,12 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
 
-    images, targets = build_pool(args.pool)
+    pool = build_pool(args.pool)
     print(f"rendered {args.pool} training scenes in {time.time() - t0:.0f}s", flush=True)
 
     model = create_model()
-    train_phase(model, images, targets, size=SIZE // 2, steps=args.steps_low, batch=128, peak_lr=1.5e-3, gen=gen)
-    train_phase(model, images, targets, size=SIZE, steps=args.steps_high, batch=64, peak_lr=3e-4, gen=gen)
+    train_phase(model, pool[SIZE // 2], pool[0], steps=args.steps_low, batch=BATCH, peak_lr=args.lr, gen=gen)
+    train_phase(model, pool[SIZE], pool[0], steps=args.steps_high, batch=BATCH, peak_lr=args.lr / 4, gen=gen)
     train_time = time.time() - t0
     print(f"trained in {train_time / 60:.1f} min", flush=True)
 
