@@ -109,6 +109,7 @@ def create_model() -> torch.nn.Module:
             interpolation="bilinear",
             crop_pct=1.0,
             crop_mode="center",
+            tag="shapes_demo",
             num_classes=len(CLASS_NAMES),
             label_names=CLASS_NAMES,
         ),
