@@ -1,29 +1,29 @@
-"""Request parameters: the form fields each endpoint accepts (multipart/form-data).
+"""Request parameters: the fields each endpoint accepts besides the image.
 
-Every field is validated with its range here; ranges that depend on the model (class ids,
-layers, heads, channels) are checked against the model by the API, also as 422.
+They come as form fields of a multipart/form-data request (with one or more `image` file
+parts), or as members of an application/json object (with `image` as a base64 string or a list
+of them). Every field is validated with its range here; ranges that depend on the model (class
+ids, layers, heads, channels) are checked against the model by the API, also as 422.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 Fusion = Literal["mean", "max", "min"]
 Format = Literal["png", "json"]
 
 _MODEL = Field(None, description="model alias from GET /models; default: the first configured model")
-_FORMAT = Field("png", description="png: heatmap over the uploaded image; json: the raw map")
+_FORMAT = Field("png", description="png: heatmap over the uploaded image; json: the raw map (always json for several images)")
 
 
 class _Params(BaseModel):
     """Fields every endpoint takes. Unknown fields are refused (a typo must not pass silently)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
-    image: UploadFile = Field(..., description="the image: PNG, JPEG, WebP, GIF, BMP or TIFF")
     model: str | None = _MODEL
 
 

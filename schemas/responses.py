@@ -53,6 +53,7 @@ class ModelInfo(_Out):
     status: Literal["loading", "ready", "unavailable"]
     reason: str | None = None
     device: str
+    replicas: int = 0
     grid: tuple[int, int] | None = None
     classes: int | None = None
     prefix_tokens: int | None = None
@@ -64,3 +65,10 @@ class ModelInfo(_Out):
 
 class Error(_Out):
     detail: Any
+
+
+class MultiResponse(_Out):
+    """Several images in one request: one result per image, in order."""
+
+    model: str
+    results: list[dict[str, Any]]

@@ -1,4 +1,5 @@
-"""The app factory: settings -> model pool -> routes, and how errors become JSON answers."""
+"""The app factory: settings -> metrics, model pool, middleware, routes, and how errors become
+JSON answers."""
 
 from __future__ import annotations
 
@@ -8,28 +9,44 @@ import logging
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from service import imaging
 from service.api import explain, meta
 from service.api.deps import Ctx, InvalidParams
+from service.api.explain import ClientGone
+from service.api.middleware import RequestMiddleware
+from service.api.parsing import ClientError
+from service.batching import QueueFull, ShuttingDown
 from service.config import Settings
+from service.metrics import Metrics
 from service.models import ModelSpec
-from service.pool import ModelNotReady, ModelPool, UnknownModel, resolve_device
+from service.pool import ModelNotReady, ModelPool, UnknownModel, resolve_devices
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 2
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    metrics = Metrics()
     pool = ModelPool(
         [ModelSpec.parse(s) for s in settings.models],
-        device=resolve_device(settings.device),
+        resolve_devices(settings.device),
+        replicas_per_device=settings.replicas_per_device,
+        dtype=settings.dtype,
         max_batch_size=settings.max_batch_size,
         max_delay_ms=settings.max_delay_ms,
+        max_queue=settings.max_queue,
+        on_status=metrics.set_status,
+        on_batch=lambda name: lambda waits, secs: metrics.observe_batch(name, waits, secs),
     )
+    ctx = Ctx(settings=settings, pool=pool, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            ctx.draining = True
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await pool.close()
@@ -48,23 +66,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "class-token attention and Q/K feature images for timm ViTs.",
         lifespan=lifespan,
     )
-    app.state.ctx = Ctx(settings=settings, pool=pool)
+    app.state.ctx = ctx
     app.include_router(explain.router)
     app.include_router(meta.router)
     _install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "X-Predicted-Class",
+                                                                "X-Predicted-Label", "X-Predicted-Score"])
+    app.add_middleware(
+        RequestMiddleware, metrics=metrics, max_body=settings.max_upload_bytes,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+    )
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    def handler(status: int | None):
+    """Client mistakes -> 4xx with a detail; overload -> 503 + Retry-After."""
+
+    def answer(status: int | None, retry: bool = False):
         async def handle(_request: Request, exc: Exception) -> JSONResponse:
-            code = status if status is not None else getattr(exc, "status", 422)
-            headers = {"Retry-After": "5"} if code == 503 else None
-            return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
+            code = status if status is not None else exc.status
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+            return JSONResponse({"detail": str(exc) or type(exc).__name__}, status_code=code, headers=headers)
 
         return handle
 
-    app.add_exception_handler(imaging.ImageError, handler(None))
-    app.add_exception_handler(InvalidParams, handler(422))
-    app.add_exception_handler(UnknownModel, handler(404))
-    app.add_exception_handler(ModelNotReady, handler(503))
+    app.add_exception_handler(imaging.ImageError, answer(None))
+    app.add_exception_handler(ClientError, answer(None))
+    app.add_exception_handler(InvalidParams, answer(422))
+    app.add_exception_handler(UnknownModel, answer(404))
+    app.add_exception_handler(ModelNotReady, answer(503, retry=True))
+    app.add_exception_handler(QueueFull, answer(503, retry=True))
+    app.add_exception_handler(ShuttingDown, answer(503, retry=True))
+    app.add_exception_handler(ClientGone, answer(499))
+    app.add_exception_handler(ClientDisconnect, answer(499))
+
+    async def timeout(_request: Request, _exc: Exception) -> JSONResponse:
+        s = app.state.ctx.settings.request_timeout_s
+        return JSONResponse({"detail": f"the request took longer than {s:g} s"}, status_code=504)
+
+    app.add_exception_handler(TimeoutError, timeout)
+    # Anything else is a bug: RequestMiddleware logs it and answers 500 with no stack trace.

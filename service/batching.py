@@ -4,20 +4,36 @@ A batch flushes when it holds `max_batch_size` items or when its oldest item has
 `max_delay_ms`. Each worker (one per model replica) takes the next batch when it is free, so
 batches go to whichever replica is idle, and while one batch computes the next one fills.
 The compute function runs in the worker's own thread, never on the event loop.
+
+The queue is bounded: past `max_queue` waiting items, `submit` raises QueueFull at once, so
+that a flood is refused quickly instead of piling up; every accepted item gets an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# The compute function answers one entry per item: a result, or the exception for that item alone.
+Worker = Callable[[list[T]], Sequence["R | BaseException"]]
+# Called after every batch with the queue waits of its items and the compute time, in seconds.
+BatchObserver = Callable[[list[float], float], None]
+
+
+class QueueFull(RuntimeError):
+    """The model's queue holds max_queue items: try again later (503 with Retry-After)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The service stopped before this item could run."""
 
 
 @dataclass
@@ -32,26 +48,35 @@ class Batcher(Generic[T, R]):
 
     def __init__(
         self,
-        workers: Sequence[Callable[[list[T]], list[R]]],
+        workers: Sequence[Worker],
         max_batch_size: int = 16,
         max_delay_ms: float = 5.0,
+        max_queue: int | None = None,
         name: str = "model",
+        on_batch: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self._on_batch = on_batch
         self._workers = list(workers)
         self._pending: deque[_Item[T]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(workers))]
-        self.name = name
-        self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran
+        self._busy = 0
 
     @property
     def depth(self) -> int:
+        """Items waiting, not yet taken by a worker."""
         return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and self._busy == 0
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -61,24 +86,27 @@ class Batcher(Generic[T, R]):
         ]
 
     async def stop(self) -> None:
+        """Stop the workers; anything still queued is answered with ShuttingDown."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for item in self._pending:
             if not item.future.done():
-                item.future.set_exception(RuntimeError("the service is shutting down"))
+                item.future.set_exception(ShuttingDown(f"model {self.name} is shutting down"))
         self._pending.clear()
         for ex in self._executors:
             ex.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, payload: T) -> R:
-        """Queue one item and wait for its result (or the exception its batch raised)."""
+        """Queue one item and wait for its result (or the exception raised for it)."""
         if self._wakeup is None:
             raise RuntimeError(f"batcher {self.name} is not started")
+        if self.max_queue is not None and len(self._pending) >= self.max_queue:
+            raise QueueFull(f"model {self.name!r} has {len(self._pending)} images queued; try again shortly")
         item = _Item(payload, asyncio.get_running_loop().create_future())
         self._pending.append(item)
         self._wakeup.set()
-        return await item.future
+        return await item.future  # cancelling the caller cancels the future: the item is skipped
 
     async def _next_batch(self) -> list[_Item[T]]:
         assert self._wakeup is not None
@@ -101,20 +129,26 @@ class Batcher(Generic[T, R]):
             if live:
                 return live
 
-    async def _work(self, fn: Callable[[list[T]], list[R]], executor: ThreadPoolExecutor) -> None:
+    async def _work(self, fn: Worker, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            self.batch_sizes[len(batch)] += 1
+            started = time.monotonic()
+            self._busy += 1
             try:
-                results: list[Any] = await loop.run_in_executor(executor, fn, [it.payload for it in batch])
-                outcomes = [(r, None) for r in results]
+                outcomes = list(await loop.run_in_executor(executor, fn, [it.payload for it in batch]))
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
             except Exception as e:  # noqa: BLE001 - the batch's callers get the error, the worker goes on
-                outcomes = [(None, e)] * len(batch)
-            for it, (r, e) in zip(batch, outcomes):
+                outcomes = [e] * len(batch)
+            finally:
+                self._busy -= 1
+            if self._on_batch is not None:
+                self._on_batch([started - it.enqueued for it in batch], time.monotonic() - started)
+            for it, out in zip(batch, outcomes):
                 if it.future.done():
                     continue
-                if e is None:
-                    it.future.set_result(r)
+                if isinstance(out, BaseException):
+                    it.future.set_exception(out)
                 else:
-                    it.future.set_exception(e)
+                    it.future.set_result(out)

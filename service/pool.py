@@ -1,28 +1,34 @@
-"""The models the service keeps resident: load, warm up, queue, and look up by alias.
+"""The models the service keeps resident: load, replicate over devices, warm up, queue, look up.
 
 Each configured model becomes a ServedModel with a status (loading -> ready, or unavailable
-with the reason). Loading runs in a background thread so that the process is live at once and
-ready (GET /readyz) when every model has settled.
+with the reason) and one Engine per replica (replicas-per-device copies on every device), all
+fed by one Batcher: a free replica takes the next batch, so batches go to the least busy one.
+Loading runs in a background thread so that the process is live at once and ready (GET /readyz)
+when every model has settled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from service import models
-from service.batching import Batcher
+from service.batching import Batcher, BatchObserver
 from service.engine.jobs import Job, Result
 from service.engine.runner import Engine
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "unavailable"]
+Item = tuple[torch.Tensor, Job]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UnknownModel(LookupError):
@@ -33,59 +39,128 @@ class ModelNotReady(RuntimeError):
     """The model is configured but cannot answer now (503): still loading, or failed to load."""
 
 
+def resolve_devices(spec: str) -> list[torch.device]:
+    """`auto`, `cpu`, `cuda`, `cuda:N` or a comma list -> devices; CUDA asked for but absent is an error."""
+    if spec == "auto":
+        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    devices = [torch.device(s.strip()) for s in spec.split(",") if s.strip()]
+    for d in devices:
+        if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"device {d} requested but not available (CUDA devices: {torch.cuda.device_count()})")
+        if d.type not in ("cpu", "cuda"):
+            raise ValueError(f"unsupported device {d}")
+    if not devices:
+        raise ValueError(f"no device in {spec!r}")
+    return devices
+
+
+def isolate_failures(run: Callable[[list[Item]], list[Result]], items: list[Item]) -> list[Result | BaseException]:
+    """Run a batch so that one bad item or an out-of-memory error fails only what it must.
+
+    CUDA out of memory: split the batch in halves and retry each. Any other error in a batch of
+    several: run the items one by one, so each gets its own result or its own exception.
+    """
+    try:
+        return list(run(items))
+    except torch.cuda.OutOfMemoryError as e:
+        if len(items) == 1:
+            return [e]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        log.warning("out of memory on a batch of %d: retrying as %d + %d", len(items), half, len(items) - half)
+        return isolate_failures(run, items[:half]) + isolate_failures(run, items[half:])
+    except Exception as e:  # noqa: BLE001 - decide per item below
+        if len(items) == 1:
+            return [e]
+        log.warning("a batch of %d failed (%s: %s): retrying its items one by one", len(items), type(e).__name__, e)
+        return [isolate_failures(run, [it])[0] for it in items]
+
+
 @dataclass
 class ServedModel:
     spec: models.ModelSpec
-    device: torch.device
+    devices: list[torch.device]
+    replicas_per_device: int = 1
+    dtype: torch.dtype = torch.float32
     status: Status = "loading"
     reason: str | None = None
-    engine: Engine | None = None
+    engines: list[Engine] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     preprocess: models.Preprocess | None = None
-    batcher: Batcher[tuple[torch.Tensor, Job], Result] | None = None
+    batcher: Batcher[Item, Result] | None = None
 
     @property
     def name(self) -> str:
         return self.spec.alias
 
+    @property
+    def engine(self) -> Engine | None:
+        """The first replica: every replica has the same shape (grid, layers, heads)."""
+        return self.engines[0] if self.engines else None
+
     def load(self) -> None:
-        """Blocking: create the model, check it can be explained, move it to its device, warm up."""
+        """Blocking: create the model, check it can be explained, place replicas, warm each up."""
         model = models.create(self.spec)
-        engine = Engine(model, self.device)
-        engine.warmup()
+        engines = []
+        for device in self.devices:
+            for _ in range(self.replicas_per_device):
+                engine = Engine(copy.deepcopy(model), device, self.dtype)
+                engine.warmup()
+                engines.append(engine)
         self.labels = models.class_labels(model)
         self.preprocess = models.Preprocess.from_model(model)
-        self.engine = engine
+        self.engines = engines
 
-    def run_batch(self, items: list[tuple[torch.Tensor, Job]]) -> list[Result]:
-        """Worker-thread entry point for the batcher: stack the images, run the engine."""
-        assert self.engine is not None
-        images = torch.stack([x for x, _ in items])
-        return self.engine.run(images, [j for _, j in items])
+    def worker(self, engine: Engine) -> Callable[[list[Item]], list[Result | BaseException]]:
+        """The batcher's compute function for one replica: stack images, run, isolate failures."""
 
+        def run(items: list[Item]) -> list[Result]:
+            return engine.run(torch.stack([x for x, _ in items]), [j for _, j in items])
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
+        return lambda items: isolate_failures(run, items)
+
+    def start(self, max_batch_size: int, max_delay_ms: float, max_queue: int, on_batch: BatchObserver | None) -> None:
+        self.batcher = Batcher(
+            [self.worker(e) for e in self.engines], max_batch_size, max_delay_ms, max_queue, self.name, on_batch
+        )
+        self.batcher.start()
+        self.status = "ready"
 
 
 class ModelPool:
     def __init__(
-        self, specs: Sequence[models.ModelSpec], device: torch.device, max_batch_size: int, max_delay_ms: float
+        self,
+        specs: Sequence[models.ModelSpec],
+        devices: list[torch.device],
+        *,
+        replicas_per_device: int = 1,
+        dtype: str = "float32",
+        max_batch_size: int = 16,
+        max_delay_ms: float = 5.0,
+        max_queue: int = 256,
+        on_status: Callable[[str, str], None] | None = None,
+        on_batch: Callable[[str], BatchObserver] | None = None,
     ) -> None:
+        if not specs:
+            raise ValueError("no models configured")
         aliases = [s.alias for s in specs]
         dupes = sorted({a for a in aliases if aliases.count(a) > 1})
         if dupes:
             raise ValueError(f"model aliases must be unique; repeated: {', '.join(dupes)}")
-        if not specs:
-            raise ValueError("no models configured")
-        self.models = {s.alias: ServedModel(spec=s, device=device) for s in specs}
+        if dtype != "float32" and any(d.type != "cuda" for d in devices):
+            raise ValueError(f"dtype {dtype} runs on CUDA only")
+        self.models = {
+            s.alias: ServedModel(spec=s, devices=devices, replicas_per_device=replicas_per_device, dtype=DTYPES[dtype])
+            for s in specs
+        }
         self.max_batch_size = max_batch_size
         self.max_delay_ms = max_delay_ms
+        self.max_queue = max_queue
+        self._on_status = on_status or (lambda _name, _status: None)
+        self._on_batch = on_batch
+        for m in self.models.values():
+            self._on_status(m.name, m.status)
 
     @property
     def default(self) -> ServedModel:
@@ -98,6 +173,10 @@ class ModelPool:
     @property
     def settled(self) -> bool:
         return all(m.status != "loading" for m in self.models.values())
+
+    @property
+    def idle(self) -> bool:
+        return all(m.batcher is None or m.batcher.idle for m in self.models.values())
 
     def get(self, name: str | None) -> ServedModel:
         """The ready model named `name` (None: the default), or UnknownModel / ModelNotReady."""
@@ -121,11 +200,12 @@ class ModelPool:
             except Exception as e:  # noqa: BLE001 - any load failure is reported, never fatal
                 m.status, m.reason = "unavailable", f"{type(e).__name__}: {e}"
                 log.warning("model %s (%s) is unavailable: %s", m.name, m.spec.spec, m.reason)
-                continue
-            m.batcher = Batcher([m.run_batch], self.max_batch_size, self.max_delay_ms, name=m.name)
-            m.batcher.start()
-            m.status = "ready"
-            log.info("model %s (%s) ready on %s", m.name, m.spec.spec, m.device)
+            else:
+                on_batch = self._on_batch(m.name) if self._on_batch else None
+                m.start(self.max_batch_size, self.max_delay_ms, self.max_queue, on_batch)
+                log.info("model %s (%s) ready: %d replica(s) on %s", m.name, m.spec.spec, len(m.engines),
+                         ", ".join(str(d) for d in m.devices))
+            self._on_status(m.name, m.status)
 
     async def close(self) -> None:
         for m in self.models.values():

@@ -212,5 +212,10 @@ def test_undecodable_images_get_422(client, data):
 
 
 def test_missing_image_gets_422(client):
-    resp = client.post("/rollout", data={"format": "json"})
+    resp = client.post("/rollout", files={"format": (None, "json")})
     assert resp.status_code == 422 and "image" in str(resp.json()["detail"])
+
+
+def test_a_body_that_cannot_carry_an_image_gets_415(client):
+    resp = client.post("/rollout", data={"format": "json"})
+    assert resp.status_code == 415 and "multipart/form-data" in resp.json()["detail"]

@@ -1,4 +1,4 @@
-"""What routes need from the app: the settings and the model pool, and the client-error type."""
+"""What routes need from the app: settings, model pool, metrics; and the client-error type."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from service.config import Settings
+from service.metrics import Metrics
 from service.pool import ModelPool
 
 
@@ -18,10 +19,12 @@ class InvalidParams(ValueError):
         self.field = field
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ctx:
     settings: Settings
     pool: ModelPool
+    metrics: Metrics
+    draining: bool = False  # set on shutdown: readiness answers 503 while queued work finishes
 
 
 def get_ctx(request: Request) -> Ctx:

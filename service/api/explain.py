@@ -1,39 +1,86 @@
-"""The explanation endpoints: thin routes over decode -> queue -> engine -> encode."""
+"""The explanation endpoints: thin routes over parse -> decode -> queue -> engine -> encode.
+
+Each endpoint is described once by a Method: its parameters, the engine job they ask for, how a
+result becomes JSON and how it is drawn as a PNG. `explain` runs the shared stages.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from fastapi import APIRouter, Depends, Form, UploadFile
-from fastapi.responses import Response
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from schemas import requests as rq
 from schemas import responses as rs
 from service import imaging
 from service.api.deps import Ctx, InvalidParams, get_ctx
+from service.api.parsing import read_request
 from service.engine.jobs import QK, GradRollout, Job, LayerAttention, Predict, Result, Rollout
 from service.pool import ServedModel
 
 router = APIRouter(tags=["explain"])
 
-_PNG = {200: {"content": {"image/png": {}}, "description": "PNG, or JSON with format=json"}}
+
+class ClientGone(Exception):
+    """The caller disconnected before its answer was ready; its work was dropped."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params: type[rq._Params]
+    job: Callable[[Any], Job]
+    to_json: Callable[[ServedModel, dict, Result], dict]
+    draw: Callable[[Image.Image, Result], np.ndarray] | None  # None: JSON only
+
+
+def _predictions(served: ServedModel, result: Result) -> list[dict]:
+    return [{"class_id": p.class_id, "label": served.labels[p.class_id], "score": p.score} for p in result.predictions]
+
+
+def _mask_json(method: str):
+    def to_json(served: ServedModel, params: dict, r: Result) -> dict:
+        return {"model": served.name, "method": method, "params": params, "grid": served.engine.grid,
+                "mask": r.maps.tolist(), "predictions": _predictions(served, r)}
+
+    return to_json
+
+
+ROLLOUT = Method(
+    "rollout", rq.RolloutParams,
+    lambda p: Rollout(head_fusion=p.head_fusion, discard_ratio=p.discard_ratio),
+    _mask_json("rollout"), lambda img, r: imaging.overlay(img, r.maps),
+)
+GRAD_ROLLOUT = Method(
+    "grad-rollout", rq.GradRolloutParams,
+    lambda p: GradRollout(category_id=p.category_id, head_fusion=p.head_fusion, discard_ratio=p.discard_ratio),
+    _mask_json("grad-rollout"), lambda img, r: imaging.overlay(img, r.maps),
+)
+ATTENTION = Method(
+    "attention", rq.AttentionParams, lambda p: LayerAttention(head=p.head),
+    lambda s, params, r: {"model": s.name, "params": params, "grid": s.engine.grid, "layers": r.maps.tolist()},
+    lambda img, r: imaging.montage(img, r.maps),
+)
+QK_IMAGE = Method(
+    "qk", rq.QKParams, lambda p: QK(layer=p.layer, head=p.head, channel=p.channel, which=p.which),
+    lambda s, params, r: {"model": s.name, "params": params, "grid": s.engine.grid, "map": r.maps.tolist()},
+    lambda img, r: imaging.grayscale(r.maps, img.size),
+)
+PREDICT = Method(
+    "predict", rq.PredictParams, lambda p: Predict(),
+    lambda s, params, r: {"model": s.name, "predictions": _predictions(s, r)}, None,
+)
 
 
 # -- stages -----------------------------------------------------------------------------------
-async def _decode(ctx: Ctx, served: ServedModel, image: UploadFile):
-    """Upload -> (RGB image at its own size, preprocessed tensor), off the event loop."""
-    data = await image.read()
-    if len(data) > ctx.settings.max_upload_mb * 1024 * 1024:
-        raise imaging.ImageTooLarge(f"the upload is {len(data)} bytes, more than {ctx.settings.max_upload_mb} MB")
-
-    def work():
-        img = imaging.decode(data, ctx.settings.max_pixels)
-        return img, served.preprocess(img)
-
-    return await run_in_threadpool(work)
-
-
 def _check(job: Job, served: ServedModel) -> None:
     """Model-dependent ranges; the schemas have checked the rest."""
     e = served.engine
@@ -48,82 +95,101 @@ def _check(job: Job, served: ServedModel) -> None:
             raise InvalidParams("channel", f"must be < {e.head_dim} (the head dimension of model {served.name!r})")
 
 
-async def _explain(ctx: Ctx, params: rq._Params, job: Job):
+def _decode_all(ctx: Ctx, served: ServedModel, blobs: list[bytes]):
+    """Bytes -> [(RGB image at its own size, preprocessed tensor)]; errors name the image."""
+    out = []
+    for i, data in enumerate(blobs):
+        try:
+            img = imaging.decode(data, ctx.settings.max_pixels)
+        except imaging.ImageError as e:
+            if len(blobs) > 1:
+                raise type(e)(f"image {i}: {e}") from None
+            raise
+        out.append((img, served.preprocess(img)))
+    return out
+
+
+async def _until_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
+
+
+async def _compute(ctx: Ctx, request: Request, method: Method, served: ServedModel, params, blobs: list[bytes]):
+    decoded = await run_in_threadpool(_decode_all, ctx, served, blobs)
+    job = method.job(params)
+    work = asyncio.ensure_future(asyncio.gather(*(served.batcher.submit((x, job)) for _, x in decoded)))
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise ClientGone("the client disconnected")
+        return [img for img, _ in decoded], work.result()
+    finally:
+        for t in (work, watcher):
+            t.cancel()  # a cancelled submit drops its image from the queue before it is computed
+
+
+async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
+    params, blobs = await read_request(request, method.params, ctx.settings.max_images)
     served = ctx.pool.get(params.model)
-    _check(job, served)
-    img, x = await _decode(ctx, served, params.image)
-    result: Result = await served.batcher.submit((x, job))
-    return served, img, result
+    _check(method.job(params), served)
+    async with asyncio.timeout(ctx.settings.request_timeout_s):
+        images, results = await _compute(ctx, request, method, served, params, blobs)
+    echo = params.model_dump(exclude={"model", "format"})
+    if len(results) > 1:
+        return JSONResponse({"model": served.name, "results": [method.to_json(served, echo, r) for r in results]})
+    (img,), (result,) = images, results
+    if method.draw is None or getattr(params, "format", "json") == "json":
+        return JSONResponse(method.to_json(served, echo, result))
+    body = await run_in_threadpool(lambda: imaging.encode_png(method.draw(img, result)))
+    return Response(body, media_type="image/png", headers=_prediction_headers(served, result))
 
 
-def _predictions(served: ServedModel, result: Result) -> list[rs.Prediction]:
-    return [rs.Prediction(class_id=p.class_id, label=served.labels[p.class_id], score=p.score) for p in result.predictions]
-
-
-def _headers(served: ServedModel, result: Result) -> dict[str, str]:
+def _prediction_headers(served: ServedModel, result: Result) -> dict[str, str]:
     top = result.predictions[0]
-    label = served.labels[top.class_id].encode("ascii", "replace").decode()
     return {
         "X-Model": served.name,
         "X-Predicted-Class": str(top.class_id),
-        "X-Predicted-Label": label,
+        "X-Predicted-Label": served.labels[top.class_id].encode("ascii", "replace").decode(),
         "X-Predicted-Score": f"{top.score:.6f}",
     }
 
 
-async def _png(served: ServedModel, result: Result, draw, *args) -> Response:
-    body = await run_in_threadpool(lambda: imaging.encode_png(draw(*args)))
-    return Response(body, media_type="image/png", headers=_headers(served, result))
+# -- OpenAPI: the bodies are parsed by hand (multipart or JSON), so describe them here ----------
+def _body(params: type[BaseModel], png: bool, response: type[BaseModel]) -> dict:
+    schema = params.model_json_schema()
+    props, required = schema.get("properties", {}), schema.get("required", [])
+    many = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+    b64 = {"anyOf": [{"type": "string", "contentEncoding": "base64"},
+                     {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}, "minItems": 1}]}
+    content = {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"image": many, **props}, "required": ["image", *required]}},
+        "application/json": {"schema": {"type": "object", "properties": {"image": b64, **props}, "required": ["image", *required],
+                                        "additionalProperties": False}},
+    }
+    ok: dict = {"application/json": {"schema": response.model_json_schema()}}
+    if png:
+        ok["image/png"] = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "requestBody": {"required": True, "content": content},
+        "responses": {"200": {"description": "the explanation (JSON for several images)", "content": ok}},
+    }
 
 
-def _params(params: rq._Params, served: ServedModel) -> dict[str, Any]:
-    return {k: v for k, v in params.model_dump().items() if k not in ("image", "model", "format")}
+def _route(path: str, method: Method, response: type[BaseModel], summary: str) -> None:
+    async def endpoint(request: Request, ctx: Ctx = Depends(get_ctx)) -> Response:
+        return await explain(request, ctx, method)
 
-
-async def _mask_answer(method: str, params, served: ServedModel, img, result: Result):
-    if params.format == "png":
-        return await _png(served, result, imaging.overlay, img, result.maps)
-    return rs.MaskResponse(
-        model=served.name, method=method, params=_params(params, served),
-        grid=served.engine.grid, mask=result.maps.tolist(), predictions=_predictions(served, result),
+    endpoint.__name__ = method.name.replace("-", "_")
+    router.add_api_route(
+        path, endpoint, methods=["POST"], summary=summary,
+        openapi_extra=_body(method.params, method.draw is not None, response),
+        responses={code: {"model": rs.Error} for code in (400, 401, 404, 413, 415, 422, 503, 504)},
     )
 
 
-# -- routes -----------------------------------------------------------------------------------
-@router.post("/rollout", response_model=rs.MaskResponse, responses=_PNG, summary="Attention Rollout")
-async def rollout(params: Annotated[rq.RolloutParams, Form()], ctx: Ctx = Depends(get_ctx)):
-    job = Rollout(head_fusion=params.head_fusion, discard_ratio=params.discard_ratio)
-    served, img, result = await _explain(ctx, params, job)
-    return await _mask_answer("rollout", params, served, img, result)
-
-
-@router.post("/grad-rollout", response_model=rs.MaskResponse, responses=_PNG, summary="Gradient Attention Rollout for one class")
-async def grad_rollout(params: Annotated[rq.GradRolloutParams, Form()], ctx: Ctx = Depends(get_ctx)):
-    job = GradRollout(category_id=params.category_id, head_fusion=params.head_fusion, discard_ratio=params.discard_ratio)
-    served, img, result = await _explain(ctx, params, job)
-    return await _mask_answer("grad-rollout", params, served, img, result)
-
-
-@router.post("/attention", response_model=rs.AttentionResponse, responses=_PNG, summary="Class-token attention in every block")
-async def attention(params: Annotated[rq.AttentionParams, Form()], ctx: Ctx = Depends(get_ctx)):
-    served, img, result = await _explain(ctx, params, LayerAttention(head=params.head))
-    if params.format == "png":
-        return await _png(served, result, imaging.montage, img, result.maps)
-    return rs.AttentionResponse(
-        model=served.name, params=_params(params, served), grid=served.engine.grid, layers=result.maps.tolist()
-    )
-
-
-@router.post("/qk", response_model=rs.QKResponse, responses=_PNG, summary="Q or K feature image of one channel")
-async def qk(params: Annotated[rq.QKParams, Form()], ctx: Ctx = Depends(get_ctx)):
-    job = QK(layer=params.layer, head=params.head, channel=params.channel, which=params.which)
-    served, img, result = await _explain(ctx, params, job)
-    if params.format == "png":
-        return await _png(served, result, imaging.grayscale, result.maps, img.size)
-    return rs.QKResponse(model=served.name, params=_params(params, served), grid=served.engine.grid, map=result.maps.tolist())
-
-
-@router.post("/predict", response_model=rs.PredictResponse, summary="Top-5 classes")
-async def predict(params: Annotated[rq.PredictParams, Form()], ctx: Ctx = Depends(get_ctx)):
-    served, _, result = await _explain(ctx, params, Predict())
-    return rs.PredictResponse(model=served.name, predictions=_predictions(served, result))
+_route("/rollout", ROLLOUT, rs.MaskResponse, "Attention Rollout")
+_route("/grad-rollout", GRAD_ROLLOUT, rs.MaskResponse, "Gradient Attention Rollout for one class")
+_route("/attention", ATTENTION, rs.AttentionResponse, "Class-token attention in every block")
+_route("/qk", QK_IMAGE, rs.QKResponse, "Q or K feature image of one channel")
+_route("/predict", PREDICT, rs.PredictResponse, "Top-5 classes")

@@ -1,9 +1,10 @@
-"""Service metadata: the models, liveness and readiness."""
+"""Service metadata: the models, liveness, readiness and metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from schemas import responses as rs
 from service.api.deps import Ctx, get_ctx
@@ -17,15 +18,12 @@ async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
     out = []
     for m in ctx.pool.models.values():
         e = m.engine
-        out.append(
-            rs.ModelInfo(
-                name=m.name, spec=m.spec.spec, status=m.status, reason=m.reason, device=str(m.device),
-                grid=e.grid if e else None, classes=len(m.labels) if e else None,
-                prefix_tokens=e.prefix if e else None, layers=e.num_layers if e else None,
-                heads=e.num_heads if e else None, head_dim=e.head_dim if e else None,
-                default=m is default,
-            )
-        )
+        shape = dict(grid=e.grid, classes=len(m.labels), prefix_tokens=e.prefix, layers=e.num_layers,
+                     heads=e.num_heads, head_dim=e.head_dim) if e else {}
+        out.append(rs.ModelInfo(
+            name=m.name, spec=m.spec.spec, status=m.status, reason=m.reason,
+            device=", ".join(str(d) for d in m.devices), replicas=len(m.engines), default=m is default, **shape,
+        ))
     return out
 
 
@@ -34,8 +32,16 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: every model has loaded and warmed up")
+@router.get("/readyz", summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
 async def readyz(ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
     states = {m.name: m.status for m in ctx.pool.models.values()}
-    ready = ctx.pool.settled and any(s == "ready" for s in states.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "models": states}, status_code=200 if ready else 503)
+    ready = not ctx.draining and ctx.pool.settled and any(s == "ready" for s in states.values())
+    status = "draining" if ctx.draining else "ready" if ready else "not ready"
+    return JSONResponse({"status": status, "models": states}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(ctx: Ctx = Depends(get_ctx)) -> Response:
+    for m in ctx.pool.models.values():
+        ctx.metrics.queue_depth.labels(model=m.name).set(m.batcher.depth if m.batcher else 0)
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
