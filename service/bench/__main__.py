@@ -1,0 +1,94 @@
+"""`python -m service.bench [--quick]`: run parts A (engine) and B (served), print, write docs/bench/."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
+
+from service.bench import inprocess, report, served  # noqa: E402
+from service.bench.client import ENDPOINTS  # noqa: E402
+
+FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 6.0, "warmup": 1.5,
+        "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}
+QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5,
+         "timing": {"warmup": 1, "min_reps": 2, "min_seconds": 0.0, "max_reps": 2}}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="a much shorter run for development")
+    p.add_argument("--batches", help="engine batch sizes, e.g. 1,8,16,32")
+    p.add_argument("--clients", help="concurrent clients per served cell, e.g. 1,4,16,64")
+    p.add_argument("--endpoints", default=",".join(ENDPOINTS), help=f"subset of {','.join(ENDPOINTS)}")
+    p.add_argument("--batching", default=",".join(served.BATCHING), help=f"subset of {','.join(served.BATCHING)}")
+    p.add_argument("--duration", type=float, help="timed seconds per served cell")
+    p.add_argument("--warmup", type=float, help="untimed seconds before each served cell")
+    p.add_argument("--skip-served", action="store_true", help="part A only")
+    p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    batches = _ints(args.batches or preset["batches"])
+    clients = _ints(args.clients or preset["clients"])
+    duration = args.duration if args.duration is not None else preset["duration"]
+    warmup = args.warmup if args.warmup is not None else preset["warmup"]
+    t0 = time.monotonic()
+
+    machine = report.machine_info()
+    machine["competing_processes"] = report.competing_processes()
+    if machine["competing_processes"]:
+        print("WARNING: CPU-heavy processes are running; timings will be skewed:", *machine["competing_processes"], sep="\n  ")
+    print(f"{machine['cpu_model']}, {machine['cpus_usable']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads); CPUs busy before start: {machine['cpu_busy_pct_before']:.0f}%")
+
+    print("A) engine, in process")
+    engine = inprocess.run_engine_bench(batches, preset["timing"])
+    results: dict = {
+        "machine": machine,
+        "engine": engine,
+        "ratios": report.engine_ratios(engine),
+        "naive_max_abs_diff": inprocess.naive_agreement(),
+        "served": None,
+    }
+
+    if not args.skip_served:
+        print("B) served over HTTP")
+        with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
+            results["served"] = served.run_served_bench(
+                inprocess.make_model(), Path(tmp), args.endpoints.split(","), args.batching.split(","),
+                clients, duration, warmup,
+            )
+
+    results["targets"] = report.targets(engine, results["served"])
+    machine["loadavg_end"] = os.getloadavg()
+    machine["competing_processes"] = sorted(set(machine["competing_processes"]) | set(report.competing_processes()))
+    results["settings"] = {
+        "command": "python -m service.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "quick": args.quick, "model": inprocess.ARCH, "seed": inprocess.SEED, "category_id": inprocess.CATEGORY_ID,
+        "batches": batches, "clients": clients, "served_duration_s": duration, "served_warmup_s": warmup,
+        "timing": preset["timing"], "server_flags": {k: served.BATCHING[k] for k in args.batching.split(",")},
+        "elapsed_s": time.monotonic() - t0,
+    }
+    print()
+    print(report.render(results))
+    report.write(results, Path(args.out))
+    print(f"wrote {args.out}/results.json, results.md, MACHINE.md in {results['settings']['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The targets, the printed table, docs/bench/results.json, results.md and MACHINE.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+TARGET_BATCH = 16  # the engine targets and the served comparisons are at batch 16 / 16 clients
+TARGET_CLIENTS = 16
+
+
+# -- machine ----------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def competing_processes(needles: tuple[str, ...] = ("service.demo.train",)) -> list[str]:
+    """Command lines of known CPU-heavy processes (a training run) that would skew the timings."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if any(n in cmd for n in needles):
+            found.append(f"{d.name}: {cmd}")
+    return found
+
+
+def cpu_busy_pct(seconds: float = 1.0) -> float:
+    """How busy all CPUs were (percent) over a short idle wait of ours: what others are using."""
+    def sample() -> tuple[int, int]:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except OSError:
+        return float("nan")
+    return 100.0 * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def machine_info() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": os.getloadavg(),
+        "cpu_busy_pct_before": cpu_busy_pct(),
+    }
+
+
+# -- figures -> ratios and targets --------------------------------------------------------------
+def engine_ratios(engine: dict) -> dict[int, dict[str, float]]:
+    """Per batch size: rollout/bare, grad/floor, grad/(fwd+full bwd), rollout speed-up over naive."""
+    out = {}
+    for b in engine["bare"]:
+        img = {c: engine[c][b]["img_s"] for c in engine}
+        out[b] = {
+            "rollout_over_bare": img["rollout"] / img["bare"],
+            "grad_over_floor": img["grad_rollout"] / img["grad_floor"],
+            "grad_over_fwd_full_bwd": img["grad_rollout"] / img["fwd_full_bwd"],
+            "rollout_speedup_over_naive": img["rollout"] / img["naive"],  # = naive time / rollout time
+        }
+    return out
+
+
+def _cell(served: dict | None, endpoint: str, batching: str, clients: int) -> dict | None:
+    for c in (served or {}).get("cells", []):
+        if c["endpoint"] == endpoint and c["batching"] == batching and c["clients"] == clients:
+            return c
+    return None
+
+
+def _img_s(engine: dict, case: str, batch: int) -> float | None:
+    fig = engine.get(case, {}).get(batch)
+    return fig["img_s"] if fig else None
+
+
+def targets(engine: dict, served: dict | None) -> list[dict]:
+    """Each target: name, value, threshold, unit, and pass (None where its figures were not run)."""
+    rows: list[dict] = []
+
+    def ratio(name: str, num: float | None, den: float | None, threshold: float) -> None:
+        value = num / den if num is not None and den else None
+        rows.append({"name": name, "value": value, "threshold": threshold, "kind": ">=", "unit": "x",
+                     "pass": None if value is None else value >= threshold})
+
+    b, c = TARGET_BATCH, TARGET_CLIENTS
+    ratio(f"engine rollout / bare forward (batch {b})", _img_s(engine, "rollout", b), _img_s(engine, "bare", b), 0.95)
+    ratio(f"engine grad rollout / grad floor (batch {b})", _img_s(engine, "grad_rollout", b), _img_s(engine, "grad_floor", b), 0.9)
+    ratio(f"engine grad rollout / fwd+full bwd (batch {b})", _img_s(engine, "grad_rollout", b), _img_s(engine, "fwd_full_bwd", b), 1.2)
+
+    def req_s(endpoint: str, batching: str, clients: int) -> float | None:
+        cell = _cell(served, endpoint, batching, clients)
+        return cell["req_s"] if cell else None
+
+    ratio(f"served /rollout json, {c} clients / bare forward (batch {b})", req_s("rollout-json", "default", c), _img_s(engine, "bare", b), 0.8)
+    ratio(f"served /rollout png, {c} clients / bare forward (batch {b})", req_s("rollout-png", "default", c), _img_s(engine, "bare", b), 0.7)
+    ratio(f"served /grad-rollout json, {c} clients / grad floor (batch {b})", req_s("grad-rollout-json", "default", c), _img_s(engine, "grad_floor", b), 0.8)
+    for ep in ("rollout-json", "rollout-png", "grad-rollout-json"):
+        ratio(f"batching / --max-batch-size 1, {ep}, {c} clients", req_s(ep, "default", c), req_s(ep, "single", c), 1.2)
+
+    # latency: p50 at 1 client minus the time of one batch-1 forward of its reference
+    for ep, case in (("rollout-json", "bare"), ("rollout-png", "bare"), ("grad-rollout-json", "grad_floor")):
+        cell = _cell(served, ep, "default", 1)
+        ref = engine.get(case, {}).get(1)
+        value = cell["p50_ms"] - ref["ms_per_batch"] if cell and ref else None
+        rows.append({"name": f"p50 {ep}, 1 client - {case} batch-1 time", "value": value, "threshold": 10.0,
+                     "kind": "<=", "unit": "ms", "pass": None if value is None else value <= 10.0})
+    return rows
+
+
+# -- text ---------------------------------------------------------------------------------------
+def _fmt(v: float | None, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def render(results: dict) -> str:
+    engine, ratios, served = results["engine"], results["ratios"], results.get("served")
+    batches = list(engine["bare"])
+    lines = ["## Engine, in process (images/s, median; deit_tiny_patch16_224, random weights, CPU)", ""]
+    lines.append("| case | " + " | ".join(f"batch {b}" for b in batches) + " |")
+    lines.append("|---|" + "---:|" * len(batches))
+    for case, figs in engine.items():
+        lines.append(f"| {case} | " + " | ".join(_fmt(figs[b]["img_s"], 1) for b in batches) + " |")
+    lines += ["", "| ratio | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
+    for key in next(iter(ratios.values())):
+        lines.append(f"| {key} | " + " | ".join(_fmt(ratios[b][key]) for b in batches) + " |")
+    lines.append("")
+    lines.append(f"naive vs engine rollout maps, max |diff|: {results['naive_max_abs_diff']:.2e}")
+    if served:
+        lines += ["", "## Served over HTTP (separate client process; req/s, latency ms)", "",
+                  "| endpoint | batching | clients | req/s | p50 | p95 | ok | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for c in served["cells"]:
+            lines.append(f"| {c['endpoint']} | {c['batching']} | {c['clients']} | {_fmt(c['req_s'], 1)} | "
+                         f"{_fmt(c['p50_ms'], 1)} | {_fmt(c['p95_ms'], 1)} | {c['requests']} | {c['errors']} |")
+        rss = ", ".join(f"{k}: {_fmt(v, 0)} MiB" for k, v in served["peak_rss_mb"].items())
+        lines += ["", f"server peak RSS (VmHWM): {rss}"]
+    lines += ["", "## Targets", ""]
+    for t in results["targets"]:
+        verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
+        lines.append(f"- {verdict}  {t['name']}: {_fmt(t['value'])} {t['unit']} (target {t['kind']} {t['threshold']})")
+    return "\n".join(lines) + "\n"
+
+
+def machine_note(results: dict) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    busy = m.get("competing_processes") or []
+    return "\n".join([
+        "# Benchmark machine",
+        "",
+        f"- date (UTC): {m['date_utc']}",
+        f"- CPU: {m['cpu_model']}, {m['cpu_count']} logical cores ({m['cpus_usable']} usable), no GPU used",
+        f"- torch {m['torch']}, {m['torch_threads']} intra-op threads (torch's default, same for every case "
+        f"and for the server), {m['torch_interop_threads']} inter-op; timm {m['timm']}; Python {m['python']}",
+        f"- load average at start / end: {m['loadavg_start']} / {m['loadavg_end']}; CPUs busy "
+        f"(others) just before the run: {m['cpu_busy_pct_before']:.0f}%",
+        f"- other CPU-heavy processes seen: {', '.join(busy) if busy else 'none'}",
+        f"- run: `{s['command']}` ({'quick' if s['quick'] else 'full'}), {s['elapsed_s']:.0f} s",
+        "",
+        "The client process shares these cores with the server, so served figures include its cost.",
+        "Figures: results.json (all numbers), results.md (the printed table).",
+        "",
+    ])
+
+
+def write(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out_dir / "results.md").write_text(render(results))
+    (out_dir / "MACHINE.md").write_text(machine_note(results))

@@ -1,0 +1,23 @@
+"""The benchmark's plumbing runs end to end on tiny settings. No timing is checked: benchmarks
+are not tests, and this machine's figures say nothing about correctness."""
+
+from __future__ import annotations
+
+import json
+
+from service.bench.__main__ import main
+
+
+def test_bench_quick_plumbing(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["--quick", "--batches", "1", "--clients", "1,2", "--endpoints", "rollout-json",
+                 "--batching", "default", "--duration", "0.3", "--warmup", "0.1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["engine"]) == {"bare", "rollout", "grad_rollout", "grad_floor", "fwd_full_bwd", "naive"}
+    assert results["naive_max_abs_diff"] < 3e-3  # the baseline computes the same maps
+    cells = results["served"]["cells"]
+    assert [c["clients"] for c in cells] == [1, 2] and all(c["errors"] == 0 for c in cells)
+    assert all(c["requests"] > 0 for c in cells)
+    assert results["served"]["peak_rss_mb"]["default"] > 0
+    assert {t["name"] for t in results["targets"]}  # every target is listed, even when n/a
+    assert "Targets" in (out / "results.md").read_text() and (out / "MACHINE.md").exists()
