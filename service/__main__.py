@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -51,6 +52,10 @@ class _Server(uvicorn.Server):
         self._app.state.ctx.draining = True
         log.info("signal %s: draining (readiness 503), finishing accepted requests, then exiting", sig)
         super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises captured signals after its graceful shutdown, which would end the
+            # process with -15; a drained SIGTERM is an orderly stop, so exit 0 instead.
+            self._captured_signals[:] = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,41 +12,19 @@ from PIL import Image
 
 from tests import reference as ref
 from tests.conftest import ARCHS, png_bytes, smooth_image
+from tests.server import running_server
 
 ALIASES = {"deit_tiny_patch16_224": "deit", "deit_tiny_distilled_patch16_224": "distilled", "vit_small_patch32_224": "s32"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_dirs, tmp_path_factory):
-    port = _free_port()
-    args = [sys.executable, "-m", "service", "serve", "--port", str(port), "--max-delay-ms", "30", "--max-batch-size", "8"]
+    args = ["--max-delay-ms", "30", "--max-batch-size", "8"]
     for arch in ARCHS:
         args += ["--model", f"{ALIASES[arch]}=local-dir:{model_dirs[arch]}"]
     args += ["--model", f"missing=local-dir:{tmp_path_factory.mktemp('empty')}"]
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    with httpx.Client(base_url=base, timeout=30) as client:
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"server did not become ready:\n{log.read()}")
-            time.sleep(0.3)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(args) as s:
+        yield s.url
 
 
 @pytest.fixture()
