@@ -4,12 +4,16 @@ them, command-line flags over those."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_MODELS = ["deit_tiny_patch16_224"]
+# The post's DeiT-Tiny (ImageNet weights from the hub or its cache) and the bundled demo model,
+# which works offline; when DeiT's weights cannot be had, the demo model becomes the default.
+SHAPES_VIT = Path(__file__).parent / "demo" / "shapes-vit"
+DEFAULT_MODELS = ["deit_tiny_patch16_224", f"shapes-vit=local-dir:{SHAPES_VIT}"]
 
 
 class Settings(BaseSettings):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
+import huggingface_hub
 import numpy as np
 import timm
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 _SOURCES = ("hf-hub:", "local-dir:")
 
@@ -29,6 +35,11 @@ class ModelSpec:
 
     alias: str
     spec: str
+
+    @property
+    def uses_hub(self) -> bool:
+        """Weights come from the Hugging Face hub (or its local cache), not from a local folder."""
+        return not self.spec.startswith("local-dir:")
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
@@ -98,3 +109,27 @@ def _as_list(labels, n: int) -> list[str] | None:
 def create(spec: ModelSpec) -> nn.Module:
     """The timm model with its pretrained weights (hub, hub cache or local folder), in eval mode."""
     return timm.create_model(spec.spec, pretrained=True).eval()
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can we open a TCP connection to the hub? (A quick probe: DNS and connect, no request.)"""
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_unless_hub_reachable(specs: list[ModelSpec]) -> None:
+    """Where the hub cannot be reached, use only cached weights instead of retrying for a minute.
+
+    huggingface_hub retries unreachable downloads with back-off (about 50 s per model here);
+    a model whose weights are neither reachable nor cached should be reported unavailable at
+    once, so that the service is ready with the models it does have.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE or not any(s.uses_hub for s in specs):
+        return
+    if not hub_reachable():
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        log.warning("the Hugging Face hub is unreachable: hub models load from the local cache only")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import huggingface_hub
 import torch
 
 from service import models
@@ -194,11 +195,14 @@ class ModelPool:
 
     async def load_all(self) -> None:
         """Load every model in turn off the event loop; a failure makes that model unavailable."""
+        await asyncio.to_thread(models.offline_unless_hub_reachable, [m.spec for m in self.models.values()])
         for m in self.models.values():
             try:
                 await asyncio.to_thread(m.load)
             except Exception as e:  # noqa: BLE001 - any load failure is reported, never fatal
                 m.status, m.reason = "unavailable", f"{type(e).__name__}: {e}"
+                if m.spec.uses_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
+                    m.reason = f"weights are not in the local Hugging Face cache and the hub is offline or unreachable ({m.reason})"
                 log.warning("model %s (%s) is unavailable: %s", m.name, m.spec.spec, m.reason)
             else:
                 on_batch = self._on_batch(m.name) if self._on_batch else None

@@ -36,7 +36,9 @@ MEAN = STD = (0.5, 0.5, 0.5)
 TRAIN_SEED = 1  # scenes for training: scene_rng(TRAIN_SEED, i)
 EVAL_SEED = 20250  # held-out scenes, never used for training
 TWO_OBJECT_SHARE = 0.4
-BATCH = 32
+BATCH = 64
+PATCH = 16
+BACKGROUND = len(CLASS_NAMES)  # patch label for 'no object'
 
 ARCH = dict(embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
 """Architecture overrides on timm's vit_tiny_patch16_224 (which has embed_dim 192, depth 12)."""
@@ -45,29 +47,50 @@ ARCH = dict(embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0)
 # --------------------------------------------------------------------------- data
 
 
-def _render(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training scene `index`: image (SIZE, SIZE, 3) uint8, its half-size copy and soft target (C,) float32."""
+def _patch_labels(objects: list, patch: int) -> np.ndarray:
+    """Per-patch class (SIZE/patch, SIZE/patch) uint8: the object covering >= 25% of the patch, else BACKGROUND."""
+    g = SIZE // patch
+    labels = np.full((g, g), BACKGROUND, np.uint8)
+    best = np.full((g, g), 0.25, np.float32)
+    for class_id, mask in objects:
+        cover = mask.reshape(g, patch, g, patch).mean(axis=(1, 3), dtype=np.float32)  # (g, g)
+        hit = cover >= best
+        labels[hit], best[hit] = class_id, cover[hit]
+    return labels
+
+
+def _render(index: int) -> tuple[np.ndarray, ...]:
+    """Training scene `index`: image (SIZE, SIZE, 3) uint8, its half-size copy, soft target (C,) float32 and
+    per-patch labels at full size (14, 14) and half size (7, 7)."""
     n_objects = 2 if (index % 10) < 10 * TWO_OBJECT_SHARE else 1
     image, objects = make_scene(scene_rng(TRAIN_SEED, index), n_objects)
     target = np.zeros(len(CLASS_NAMES), np.float32)
     for class_id, _mask in objects:
         target[class_id] = 1.0 / len(objects)
     half = image.resize((SIZE // 2, SIZE // 2), Image.BILINEAR)  # antialiased downscale
-    return np.asarray(image), np.asarray(half), target
+    return np.asarray(image), np.asarray(half), target, _patch_labels(objects, PATCH), _patch_labels(objects, 2 * PATCH)
 
 
-def build_pool(n: int, workers: int = 2) -> dict[int, torch.Tensor]:
+def build_pool(n: int, workers: int = 2) -> dict[str, torch.Tensor]:
     """Render n training scenes in parallel.
 
-    Returns {SIZE: (n, SIZE, SIZE, 3) uint8, SIZE // 2: (n, SIZE/2, SIZE/2, 3) uint8, 0: targets (n, C) float32}.
+    Returns {"full": (n, SIZE, SIZE, 3) uint8, "half": (n, SIZE/2, SIZE/2, 3) uint8, "target": (n, C) float32,
+    "patch_full": (n, 14, 14) int64, "patch_half": (n, 7, 7) int64}.
     """
-    full = torch.empty((n, SIZE, SIZE, 3), dtype=torch.uint8)
-    half = torch.empty((n, SIZE // 2, SIZE // 2, 3), dtype=torch.uint8)
-    targets = torch.empty((n, len(CLASS_NAMES)), dtype=torch.float32)
-    with Pool(workers) as pool:
-        for i, (image, small, target) in enumerate(pool.imap(_render, range(n), chunksize=64)):
-            full[i], half[i], targets[i] = torch.from_numpy(image), torch.from_numpy(small), torch.from_numpy(target)
-    return {SIZE: full, SIZE // 2: half, 0: targets}
+    g = SIZE // PATCH
+    pool = {
+        "full": torch.empty((n, SIZE, SIZE, 3), dtype=torch.uint8),
+        "half": torch.empty((n, SIZE // 2, SIZE // 2, 3), dtype=torch.uint8),
+        "target": torch.empty((n, len(CLASS_NAMES)), dtype=torch.float32),
+        "patch_full": torch.empty((n, g, g), dtype=torch.int64),
+        "patch_half": torch.empty((n, g // 2, g // 2), dtype=torch.int64),
+    }
+    keys = list(pool)
+    with Pool(workers) as workers_pool:
+        for i, arrays in enumerate(workers_pool.imap(_render, range(n), chunksize=64)):
+            for key, array in zip(keys, arrays):
+                pool[key][i] = torch.from_numpy(array)
+    return pool
 
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
@@ -79,14 +102,15 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Class-preserving augmentation of uint8 (B, H, W, 3): a random flip/rot90 per batch, channel shuffle per image."""
+def augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-preserving augmentation of uint8 images (B, H, W, 3) and their patch labels (B, g, g):
+    a random rot90/flip per batch (applied to both), a channel shuffle per image."""
     k = int(torch.randint(0, 4, (1,), generator=gen))
-    images = torch.rot90(images, k, dims=(1, 2))
+    images, labels = torch.rot90(images, k, dims=(1, 2)), torch.rot90(labels, k, dims=(1, 2))
     if torch.rand(1, generator=gen) < 0.5:
-        images = images.flip(2)
+        images, labels = images.flip(2), labels.flip(2)
     perm = torch.argsort(torch.rand(images.shape[0], 3, generator=gen), dim=1)  # (B, 3)
-    return torch.gather(images, 3, perm[:, None, None, :].expand_as(images))
+    return torch.gather(images, 3, perm[:, None, None, :].expand_as(images)), labels
 
 
 # --------------------------------------------------------------------------- model
@@ -127,45 +151,64 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train_phase(
     model: torch.nn.Module,
+    aux_head: torch.nn.Module,
     images: torch.Tensor,
     targets: torch.Tensor,
+    patch_labels: torch.Tensor,
     *,
     steps: int,
     batch: int,
     peak_lr: float,
+    warmup: int,
+    aux_weight: float,
     gen: torch.Generator,
 ) -> None:
-    """Train `steps` AdamW steps on uint8 images (N, size, size, 3) with soft-target cross entropy."""
+    """Train `steps` AdamW steps on uint8 images (N, size, size, 3).
+
+    Loss: soft-target cross entropy on the class logits plus `aux_weight` times a per-patch cross entropy
+    (object class or background, from the final patch tokens through `aux_head`). The dense patch loss
+    is what gets a from-scratch ViT off chance quickly; the auxiliary head is not part of the saved model.
+    """
     size = images.shape[1]
     model.set_input_size(img_size=(size, size))  # resamples the position embedding to the new grid
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}])
+    params = list(model.parameters()) + list(aux_head.parameters())
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], betas=(0.9, 0.999)
+    )
     model.train()
-    start, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+    aux_head.train()
+    start, seen, correct, loss_sum, aux_sum = time.time(), 0, 0, 0.0, 0.0
     for step in range(steps):
+        lr = _lr_at(step, steps, peak_lr, warmup)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, peak_lr, warmup=max(1, steps // 20))
+            group["lr"] = lr
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
-        x = preprocess(augment(images[idx], gen))  # (B, 3, size, size)
+        x, labels = augment(images[idx], patch_labels[idx], gen)
+        x = preprocess(x)  # (B, 3, size, size)
         y = targets[idx]  # (B, C) soft targets
-        logits = model(x)  # (B, C)
+        tokens = model.forward_features(x)  # (B, 1 + g*g, D)
+        logits = model.forward_head(tokens)  # (B, C)
         loss = torch.sum(-y * F.log_softmax(logits, dim=1), dim=1).mean()
+        aux = F.cross_entropy(aux_head(tokens[:, model.num_prefix_tokens :]).flatten(0, 1), labels.flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         single = y.max(dim=1).values == 1.0
         correct += int((logits.argmax(1) == y.argmax(1))[single].sum())
         seen += int(single.sum())
         loss_sum += loss.item()
+        aux_sum += aux.item()
         if (step + 1) % 50 == 0 or step + 1 == steps:
+            n = (step % 50) + 1
             print(
-                f"  {size}px step {step + 1}/{steps}  loss {loss_sum / ((step % 50) + 1):.3f}  "
+                f"  {size}px step {step + 1}/{steps}  lr {lr:.1e}  loss {loss_sum / n:.3f}  patch loss {aux_sum / n:.3f}  "
                 f"train acc (1-object) {correct / max(seen, 1):.3f}  {time.time() - start:.0f}s",
                 flush=True,
             )
-            seen, correct, loss_sum = 0, 0, 0.0
+            seen, correct, loss_sum, aux_sum = 0, 0, 0.0, 0.0
 
 
 @torch.no_grad()
@@ -183,10 +226,12 @@ def evaluate(model: torch.nn.Module, n: int = 1000, seed: int = EVAL_SEED) -> fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the demo shapes ViT.")
-    parser.add_argument("--pool", type=int, default=16000, help="training scenes rendered once and reused")
-    parser.add_argument("--steps-low", type=int, default=2400, help="steps at 112x112")
-    parser.add_argument("--steps-high", type=int, default=500, help="steps at 224x224")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate at 112x112 (a quarter at 224)")
+    parser.add_argument("--pool", type=int, default=12000, help="training scenes rendered once and reused")
+    parser.add_argument("--steps-low", type=int, default=800, help="steps at 112x112")
+    parser.add_argument("--steps-high", type=int, default=100, help="steps at 224x224")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate at 112x112 (a third at 224)")
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch auxiliary loss")
+    parser.add_argument("--pool-cache", type=Path, default=None, help="load the rendered pool from / save it to this file")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     args = parser.parse_args(argv)
 
@@ -195,17 +240,28 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
 
-    pool = build_pool(args.pool)
-    print(f"rendered {args.pool} training scenes in {time.time() - t0:.0f}s", flush=True)
+    if args.pool_cache is not None and args.pool_cache.is_file():
+        pool = torch.load(args.pool_cache)
+        assert pool["target"].shape[0] == args.pool, "pool cache was rendered with another --pool"
+    else:
+        pool = build_pool(args.pool)
+        if args.pool_cache is not None:
+            torch.save(pool, args.pool_cache)
+    print(f"{args.pool} training scenes ready in {time.time() - t0:.0f}s", flush=True)
 
     model = create_model()
-    train_phase(model, pool[SIZE // 2], pool[0], steps=args.steps_low, batch=BATCH, peak_lr=args.lr, gen=gen)
-    train_phase(model, pool[SIZE], pool[0], steps=args.steps_high, batch=BATCH, peak_lr=args.lr / 4, gen=gen)
+    aux_head = torch.nn.Linear(model.embed_dim, len(CLASS_NAMES) + 1)  # object class per patch, or background
+    common = dict(batch=BATCH, aux_weight=args.aux_weight, gen=gen)
+    train_phase(
+        model, aux_head, pool["half"], pool["target"], pool["patch_half"],
+        steps=args.steps_low, peak_lr=args.lr, warmup=100, **common,
+    )
+    train_phase(
+        model, aux_head, pool["full"], pool["target"], pool["patch_full"],
+        steps=args.steps_high, peak_lr=args.lr / 3, warmup=10, **common,
+    )
     train_time = time.time() - t0
     print(f"trained in {train_time / 60:.1f} min", flush=True)
-
-    accuracy = evaluate(model)
-    print(f"held-out single-object accuracy: {accuracy:.4f} (1000 scenes, seed {EVAL_SEED})", flush=True)
 
     model.eval()
     timm.models.save_for_hf(
@@ -215,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         safe_serialization=True,
     )
     print(f"saved to {args.out}", flush=True)
+    accuracy = evaluate(model)
+    print(f"held-out single-object accuracy: {accuracy:.4f} (1000 scenes, seed {EVAL_SEED})", flush=True)
 
 
 if __name__ == "__main__":
