@@ -1,21 +1,21 @@
-"""Capture what every attention block of a timm ViT computes, without changing how it computes it.
+"""Capture what every attention block of a timm ViT computes, in the forward pass itself.
 
-The model keeps running exactly as timm ships it, fused `scaled_dot_product_attention`
-included: there is no post-softmax tensor to hook there, so instead we hook the pieces that
-exist in both the fused and the unfused path of `timm.layers.Attention.forward`:
+timm's `Attention.forward` has two paths:
 
-    qkv = self.qkv(x)               -> forward hook on `qkv`:     v   (B, H, N, D)
-    q, k = q_norm(q), k_norm(k)      -> forward hooks on the norms: q, k (B, H, N, D)
-    o = softmax(q k^T * scale) @ v  -> (fused or not)
-    self.norm(o.reshape(B, N, H*D)) -> forward pre-hook on `norm`: o   (B, N, H*D)
+    q, k = q_norm(q), k_norm(k)                       both paths: hooked -> q, k (B, H, N, D)
+    fused:   o = F.scaled_dot_product_attention(q, k, v)      no post-softmax tensor exists
+    unfused: a = softmax(q*scale @ k^T); a = attn_drop(a); o = a @ v    hooked -> a
 
-From q and k the post-softmax attention is recomputed exactly (A = softmax(q k^T * scale)),
-and, because A reaches the output only through o = A v, the gradient of any scalar y with
-respect to A is dy/dA = (dy/do) v^T. So the engine never needs an unfused model.
+For the fused path (timm's default), while capturing, a thread-local TorchFunctionMode answers
+the model's call to `scaled_dot_product_attention` with the same attention written out:
+a = softmax(q k^T * scale), o = a @ v. The model then multiplies v by exactly the tensor we
+keep, so the captured attention is the one the model used, computed once, and autograd can
+differentiate the output with respect to it. Outside `capture(...)` nothing changes: the
+fused kernel runs as shipped.
 
-Hooks are registered once, when a model is loaded, and do nothing unless the calling thread
-is inside `capture(...)`: the capture state lives in a ContextVar, never on the shared
-modules, so concurrent batches on different threads cannot race.
+Hooks are registered once, when a model is loaded; the capture state lives in a ContextVar and
+the function mode on the calling thread only, never on the shared modules, so concurrent
+batches on different threads cannot race.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from torch import nn
-
+import torch.nn.functional as F
 from timm.layers import Attention
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 class UnsupportedModel(ValueError):
@@ -37,33 +38,59 @@ class UnsupportedModel(ValueError):
 
 @dataclass
 class Capture:
-    """Tensors captured during one forward pass, one list entry per block.
+    """Tensors captured during one forward pass, keyed by block index.
 
-    `layers` limits which blocks store anything (None: all). `keep_o` also keeps the
-    attention output o, needed for gradients with respect to the attention.
+    `attn_layers` / `qk_layers` say which blocks keep their attention or their q and k.
     """
 
-    layers: frozenset[int] | None = None
-    keep_o: bool = False
+    attn_layers: frozenset[int] = frozenset()
+    qk_layers: frozenset[int] = frozenset()
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, N) post-softmax
     q: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after q_norm
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after k_norm
-    v: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D)
-    o: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, N, H*D), softmax(qk^T)v
-
-    def wants(self, layer: int) -> bool:
-        return self.layers is None or layer in self.layers
+    block: int | None = None  # the block whose attention runs next
 
 
 _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("vit_capture", default=None)
 
 
+class _ExplicitAttention(TorchFunctionMode):
+    """Answers fused attention calls of blocks whose attention is wanted with explicit math."""
+
+    def __init__(self, store: Capture) -> None:
+        super().__init__()
+        self.store = store
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        block = self.store.block
+        if func is not F.scaled_dot_product_attention or block not in self.store.attn_layers:
+            return func(*args, **kwargs)
+        self.store.block = None  # one attention call per block
+        q, k, v = args[:3]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if kwargs.get("is_causal") or kwargs.get("dropout_p", 0.0) or kwargs.get("enable_gqa"):
+            raise UnsupportedModel("causal, dropout or grouped-query attention cannot be captured")
+        scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+        scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        attn = scores.softmax(dim=-1)
+        self.store.attn[block] = attn
+        return attn @ v
+
+
 @contextlib.contextmanager
-def capture(layers: frozenset[int] | None = None, keep_o: bool = False) -> Iterator[Capture]:
+def capture(attn_layers: frozenset[int] = frozenset(), qk_layers: frozenset[int] = frozenset()) -> Iterator[Capture]:
     """Within this block, forward passes of hooked models on this thread record into the Capture."""
-    store = Capture(layers=layers, keep_o=keep_o)
+    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers)
     token = _ACTIVE.set(store)
     try:
-        yield store
+        if attn_layers:
+            with _ExplicitAttention(store):
+                yield store
+        else:
+            yield store
     finally:
         _ACTIVE.reset(token)
 
@@ -100,37 +127,25 @@ def install_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
 
 
 def _hook_block(i: int, attn: Attention) -> list[torch.utils.hooks.RemovableHandle]:
-    heads, head_dim = attn.num_heads, attn.head_dim
-
-    def on_qkv(_mod, _inp, out: torch.Tensor) -> None:
-        store = _ACTIVE.get()
-        if store is not None and store.wants(i):
-            b, n, _ = out.shape  # (B, N, 3*H*D)
-            store.v[i] = out.view(b, n, 3, heads, head_dim)[:, :, 2].transpose(1, 2)
-
     def on_q(_mod, _inp, out: torch.Tensor) -> None:
         store = _ACTIVE.get()
-        if store is not None and store.wants(i):
-            store.q[i] = out
+        if store is not None:
+            store.block = i  # q_norm runs right before this block's attention, in both paths
+            if i in store.qk_layers:
+                store.q[i] = out
 
     def on_k(_mod, _inp, out: torch.Tensor) -> None:
         store = _ACTIVE.get()
-        if store is not None and store.wants(i):
+        if store is not None and i in store.qk_layers:
             store.k[i] = out
 
-    def on_o(_mod, inp: tuple[torch.Tensor, ...]) -> None:
+    def on_unfused_attn(_mod, _inp, out: torch.Tensor) -> None:
         store = _ACTIVE.get()
-        if store is not None and store.keep_o and store.wants(i):
-            store.o[i] = inp[0]
+        if store is not None and i in store.attn_layers:
+            store.attn[i] = out  # the unfused path: the tensor the model multiplies v with
 
     return [
-        attn.qkv.register_forward_hook(on_qkv),
         attn.q_norm.register_forward_hook(on_q),
         attn.k_norm.register_forward_hook(on_k),
-        attn.norm.register_forward_pre_hook(on_o),
+        attn.attn_drop.register_forward_hook(on_unfused_attn),
     ]
-
-
-def attention_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Post-softmax attention (B, H, N, N) from q, k (B, H, N, D), as timm's unfused path computes it."""
-    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)

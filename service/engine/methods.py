@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 Fusion = Literal["mean", "max", "min"]
@@ -37,18 +38,30 @@ def discard_lowest(f: torch.Tensor, ratio: float) -> torch.Tensor:
     """(B, N, N) -> (B, N, N) with the floor(ratio*N*N) smallest entries of each matrix zeroed.
 
     F[0, 0] (class token to itself) is never zeroed. Selection is by threshold (the k-th
-    smallest value, O(N^2) selection rather than a sort); entries tied with it are zeroed
-    too, which only matters for exact ties (zeros among them change nothing).
+    smallest value, an O(N^2) selection rather than a sort); entries tied with it are zeroed
+    too, which only matters for exact ties (zeros among them change nothing). `f` may be
+    modified in place: callers pass tensors they just made.
     """
     b, n, _ = f.shape
     k = math.floor(ratio * n * n)
     if k <= 0:
         return f
     flat = f.reshape(b, n * n)
-    threshold = flat.kthvalue(k, dim=-1, keepdim=True).values  # (B, 1)
-    drop = flat <= threshold
+    drop = flat <= kth_smallest(flat, k)
     drop[:, 0] = False
-    return flat.masked_fill(drop, 0.0).view(b, n, n)
+    return flat.masked_fill_(drop, 0.0).view(b, n, n)
+
+
+def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, M) -> (B, 1): the k-th smallest value (1-based) of each row.
+
+    On the CPU, numpy's introselect is about ten times faster than torch.kthvalue for rows of
+    tens of thousands of values; on CUDA torch.kthvalue runs on the device.
+    """
+    if x.device.type == "cpu":
+        part = np.partition(x.detach().numpy(), k - 1, axis=-1)[:, k - 1 : k]
+        return torch.from_numpy(part).to(x.dtype)
+    return x.kthvalue(k, dim=-1, keepdim=True).values
 
 
 def rollout_row(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -117,10 +130,3 @@ def class_attention(
 def qk_image(t: torch.Tensor, head: int, channel: int, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
     """sigmoid of one channel of one head of q or k (B, H, N, D) over the patches -> (B, gh, gw)."""
     return torch.sigmoid(patch_map(t[:, head, :, channel], prefix, grid))
-
-
-def attention_grad(grad_o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """dy/dA (B, H, N, N) from dy/do (B, N, H*D) and v (B, H, N, D), since o = A v."""
-    b, n, _ = grad_o.shape
-    h, d = v.shape[1], v.shape[3]
-    return grad_o.view(b, n, h, d).transpose(1, 2) @ v.transpose(-2, -1)

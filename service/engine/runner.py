@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from service.engine import methods
-from service.engine.capture import attention_from_qk, attention_modules, capture, install_hooks
+from service.engine.capture import attention_modules, capture, install_hooks
 from service.engine.jobs import QK, GradRollout, Job, LayerAttention, Prediction, Result, Rollout
 
 TOP_K = 5
@@ -29,7 +29,6 @@ class Engine:
         self.dtype = dtype
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         attns = attention_modules(self.model)
-        self.scales = [a.scale for a in attns]
         self.num_layers = len(attns)
         self.num_heads = attns[0].num_heads
         self.head_dim = attns[0].head_dim
@@ -66,23 +65,16 @@ class Engine:
             x = x.pin_memory().to(self.device, non_blocking=True)
         return x.to(device=self.device, dtype=self.dtype)
 
-    def _layers_needed(self, jobs: Sequence[Job]) -> frozenset[int]:
-        if any(isinstance(j, (Rollout, LayerAttention)) for j in jobs):
-            return frozenset(range(self.num_layers))
-        return frozenset(j.layer for j in jobs if isinstance(j, QK))
-
-    def _attention(self, store, layers: Sequence[int]) -> list[torch.Tensor]:
-        """Recomputed post-softmax attention per block, float32, (B, H, N, N)."""
-        return [attention_from_qk(store.q[l].float(), store.k[l].float(), self.scales[l]) for l in layers]
-
     def _run_plain(self, x: torch.Tensor, jobs: Sequence[Job]) -> list[Result]:
-        layers = self._layers_needed(jobs)
-        with torch.inference_mode(), capture(layers=layers) as store:
+        every = frozenset(range(self.num_layers))
+        attn_layers = every if any(isinstance(j, (Rollout, LayerAttention)) for j in jobs) else frozenset()
+        qk_layers = frozenset(j.layer for j in jobs if isinstance(j, QK))
+        with torch.inference_mode(), capture(attn_layers, qk_layers) as store:
             logits = self.model(x)
-            attn = self._attention(store, range(self.num_layers)) if len(layers) == self.num_layers else None
+            attn = [store.attn[l].float() for l in sorted(attn_layers)]  # per block (B, H, N, N)
             maps = [None] * len(jobs)
             for params, idx in _group(jobs, (Rollout, LayerAttention)).items():
-                sub = [a[idx] for a in attn]
+                sub = _rows(attn, idx, len(jobs))
                 if isinstance(params, Rollout):
                     m = methods.attention_rollout(sub, params.head_fusion, params.discard_ratio, self.prefix, self.grid)
                 else:
@@ -99,20 +91,21 @@ class Engine:
     def _run_grad(self, x: torch.Tensor, jobs: Sequence[GradRollout]) -> list[Result]:
         layers = range(self.num_layers)
         # The image requires grad only so that autograd records a graph: the weights never do,
-        # and torch.autograd.grad below walks back only as far as the attention outputs.
+        # and torch.autograd.grad below walks back only as far as the attention tensors.
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad(), capture(keep_o=True) as store:
+        with torch.enable_grad(), capture(attn_layers=frozenset(layers)) as store:
             logits = self.model(x)
             cats = torch.tensor([j.category_id for j in jobs], device=logits.device)
             target = logits.gather(1, cats[:, None]).sum()  # images are independent: sum of own logits
-            grad_o = torch.autograd.grad(target, [store.o[l] for l in layers])
+            attn = [store.attn[l] for l in layers]
+            grads = torch.autograd.grad(target, attn)  # per block dy/dA (B, H, N, N)
         with torch.no_grad():
-            attn = self._attention(store, layers)
-            grads = [methods.attention_grad(g.float(), store.v[l].detach().float()) for l, g in zip(layers, grad_o)]
+            attn = [a.detach().float() for a in attn]
+            grads = [g.float() for g in grads]
             maps = [None] * len(jobs)
             for params, idx in _group(jobs, (GradRollout,), ignore=("category_id",)).items():
                 m = methods.grad_rollout(
-                    [a[idx] for a in attn], [g[idx] for g in grads],
+                    _rows(attn, idx, len(jobs)), _rows(grads, idx, len(jobs)),
                     params.head_fusion, params.discard_ratio, self.prefix, self.grid,
                 )
                 for i, mi in zip(idx, m.cpu().numpy()):
@@ -129,6 +122,11 @@ def _group(jobs: Sequence[Job], kinds: tuple[type, ...], ignore: tuple[str, ...]
             key = type(j)(**{**j.__dict__, **{f: 0 for f in ignore}})
             groups[key].append(i)
     return groups
+
+
+def _rows(tensors: list[torch.Tensor], idx: list[int], batch: int) -> list[torch.Tensor]:
+    """The batch rows idx of every tensor; no copy when that is the whole batch."""
+    return tensors if len(idx) == batch else [t[idx] for t in tensors]
 
 
 def _top_k(logits: torch.Tensor) -> list[list[Prediction]]:
