@@ -51,6 +51,14 @@ def test_discard_zeroes_the_smallest_but_never_cls_to_cls(ratio):
     assert got[1, 0, 0] == -1.0
 
 
+def test_the_cuda_and_cpu_kth_value_paths_agree():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(5, 1000, generator=g)
+    x[2, :700] = 0  # many ties, as after the clamp of gradient rollout
+    for k in (1, 300, 900, 1000):
+        torch.testing.assert_close(methods._kth_numpy(x, k), methods._kth_torch(x, k), rtol=0, atol=0)
+
+
 def test_rollout_row_is_row_zero_of_the_normalised_product():
     g = torch.Generator().manual_seed(2)
     ws = [torch.rand(2, 9, 9, generator=g, dtype=torch.float64) for _ in range(5)]

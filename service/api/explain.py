@@ -114,9 +114,8 @@ async def _until_disconnect(request: Request) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _compute(ctx: Ctx, request: Request, method: Method, served: ServedModel, params, blobs: list[bytes]):
+async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, blobs: list[bytes]):
     decoded = await run_in_threadpool(_decode_all, ctx, served, blobs)
-    job = method.job(params)
     work = asyncio.ensure_future(asyncio.gather(*(served.batcher.submit((x, job)) for _, x in decoded)))
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
@@ -132,9 +131,10 @@ async def _compute(ctx: Ctx, request: Request, method: Method, served: ServedMod
 async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
     params, blobs = await read_request(request, method.params, ctx.settings.max_images)
     served = ctx.pool.get(params.model)
-    _check(method.job(params), served)
+    job = method.job(params)
+    _check(job, served)
     async with asyncio.timeout(ctx.settings.request_timeout_s):
-        images, results = await _compute(ctx, request, method, served, params, blobs)
+        images, results = await _compute(ctx, request, served, job, blobs)
     echo = params.model_dump(exclude={"model", "format"})
     if len(results) > 1:
         return JSONResponse({"model": served.name, "results": [method.to_json(served, echo, r) for r in results]})

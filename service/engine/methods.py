@@ -58,9 +58,15 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     On the CPU, numpy's introselect is about ten times faster than torch.kthvalue for rows of
     tens of thousands of values; on CUDA torch.kthvalue runs on the device.
     """
-    if x.device.type == "cpu":
-        part = np.partition(x.detach().numpy(), k - 1, axis=-1)[:, k - 1 : k]
-        return torch.from_numpy(part).to(x.dtype)
+    return _kth_numpy(x, k) if x.device.type == "cpu" else _kth_torch(x, k)
+
+
+def _kth_numpy(x: torch.Tensor, k: int) -> torch.Tensor:
+    part = np.partition(x.detach().numpy(), k - 1, axis=-1)[:, k - 1 : k]
+    return torch.from_numpy(part).to(x.dtype)
+
+
+def _kth_torch(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.kthvalue(k, dim=-1, keepdim=True).values
 
 
