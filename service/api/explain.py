@@ -116,15 +116,16 @@ async def _until_disconnect(request: Request) -> None:
 
 async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, blobs: list[bytes]):
     decoded = await run_in_threadpool(_decode_all, ctx, served, blobs)
-    work = asyncio.ensure_future(asyncio.gather(*(served.batcher.submit((x, job)) for _, x in decoded)))
+    submits = [asyncio.ensure_future(served.batcher.submit((x, job))) for _, x in decoded]
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
+        work = asyncio.gather(*submits)
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
             raise ClientGone("the client disconnected")
         return [img for img, _ in decoded], work.result()
     finally:
-        for t in (work, watcher):
+        for t in (*submits, watcher):
             t.cancel()  # a cancelled submit drops its image from the queue before it is computed
 
 
