@@ -102,4 +102,6 @@ def test_shipped_model_loads_and_classifies(monkeypatch: pytest.MonkeyPatch) -> 
     with torch.no_grad():
         predicted = model((x - mean) / std).argmax(1)  # (32,)
     truth = torch.tensor([objects[0][0] for _, objects in batch])
-    assert (predicted == truth).float().mean().item() >= 0.9
+    # The shipped model measures 0.81 on 1000 held-out scenes (model card); a broken model,
+    # export or preprocessing lands near chance (0.125).
+    assert (predicted == truth).float().mean().item() >= 0.6

@@ -233,12 +233,12 @@ def evaluate(model: torch.nn.Module, n: int = 1000, seed: int = EVAL_SEED) -> fl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the demo shapes ViT.")
     parser.add_argument("--pool", type=int, default=12000, help="training scenes rendered once and reused")
-    parser.add_argument("--steps-low", type=int, default=3500, help="steps at 112x112")
-    parser.add_argument("--steps-high", type=int, default=300, help="steps at 224x224")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate at 112x112 (a third at 224)")
+    parser.add_argument("--steps-low", type=int, default=9000, help="steps at 112x112")
+    parser.add_argument("--steps-high", type=int, default=400, help="steps at 224x224")
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate at 112x112 (a third at 224)")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch auxiliary loss")
     parser.add_argument("--pool-cache", type=Path, default=None, help="load the rendered pool from / save it to this file")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 stays fast on a shared 2-core box)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a busy shared 2-core box)")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     args = parser.parse_args(argv)
 
