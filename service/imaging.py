@@ -56,7 +56,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore")
             img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
             return to_rgb(img)
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data, whatever the decoder says
         raise ImageError(f"the image is truncated or corrupt: {e}") from None
