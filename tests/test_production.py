@@ -296,8 +296,10 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_dirs):
 
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(call, i) for i in range(6)]
+            deadline = time.monotonic() + 60
             with httpx.Client(base_url=s.url, timeout=60) as c:  # wait until all six are queued
                 while 'vit_queue_depth{model="deit"} 6.0' not in c.get("/metrics").text:
+                    assert time.monotonic() < deadline, "the six requests never reached the queue"
                     time.sleep(0.05)
             s.proc.send_signal(signal.SIGTERM)  # the batch is still filling: it must run, not be lost
             statuses = [f.result() for f in futures]
