@@ -67,16 +67,11 @@ class Batcher(Generic[T, R]):
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(workers))]
-        self._busy = 0
 
     @property
     def depth(self) -> int:
         """Items waiting, not yet taken by a worker."""
         return len(self._pending)
-
-    @property
-    def idle(self) -> bool:
-        return not self._pending and self._busy == 0
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -134,15 +129,12 @@ class Batcher(Generic[T, R]):
         while True:
             batch = await self._next_batch()
             started = time.monotonic()
-            self._busy += 1
             try:
                 outcomes = list(await loop.run_in_executor(executor, fn, [it.payload for it in batch]))
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
             except Exception as e:  # noqa: BLE001 - the batch's callers get the error, the worker goes on
                 outcomes = [e] * len(batch)
-            finally:
-                self._busy -= 1
             if self._on_batch is not None:
                 self._on_batch([started - it.enqueued for it in batch], time.monotonic() - started)
             for it, out in zip(batch, outcomes):

@@ -175,10 +175,6 @@ class ModelPool:
     def settled(self) -> bool:
         return all(m.status != "loading" for m in self.models.values())
 
-    @property
-    def idle(self) -> bool:
-        return all(m.batcher is None or m.batcher.idle for m in self.models.values())
-
     def get(self, name: str | None) -> ServedModel:
         """The ready model named `name` (None: the default), or UnknownModel / ModelNotReady."""
         if name is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -61,7 +63,13 @@ def test_health_ready_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     assert client.get("/docs").status_code == 200
-    assert "/grad-rollout" in client.get("/openapi.json").json()["paths"]
+    spec = client.get("/openapi.json").json()
+    assert "/grad-rollout" in spec["paths"]
+    body = spec["paths"]["/rollout"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    refs = set(re.findall(r'"\$ref": "([^"]+)"', json.dumps(spec)))
+    known = {f"#/components/schemas/{name}" for name in spec["components"]["schemas"]}
+    assert refs <= known, refs - known  # no dangling references in the published contract
 
 
 # -- maps against the reference ------------------------------------------------------------------

@@ -157,8 +157,26 @@ def _prediction_headers(served: ServedModel, result: Result) -> dict[str, str]:
 
 
 # -- OpenAPI: the bodies are parsed by hand (multipart or JSON), so describe them here ----------
+def _schema(model: type[BaseModel]) -> dict:
+    """The model's JSON schema with its $defs inlined: an operation's schema cannot refer to them."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
 def _body(params: type[BaseModel], png: bool, response: type[BaseModel]) -> dict:
-    schema = params.model_json_schema()
+    schema = _schema(params)
     props, required = schema.get("properties", {}), schema.get("required", [])
     many = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
     b64 = {"anyOf": [{"type": "string", "contentEncoding": "base64"},
@@ -168,12 +186,12 @@ def _body(params: type[BaseModel], png: bool, response: type[BaseModel]) -> dict
         "application/json": {"schema": {"type": "object", "properties": {"image": b64, **props}, "required": ["image", *required],
                                         "additionalProperties": False}},
     }
-    ok: dict = {"application/json": {"schema": response.model_json_schema()}}
+    ok: dict = {"application/json": {"schema": {"anyOf": [_schema(response), _schema(rs.MultiResponse)]}}}
     if png:
         ok["image/png"] = {"schema": {"type": "string", "format": "binary"}}
     return {
         "requestBody": {"required": True, "content": content},
-        "responses": {"200": {"description": "the explanation (JSON for several images)", "content": ok}},
+        "responses": {"200": {"description": "the explanation; JSON with one result per image for several images", "content": ok}},
     }
 
 
