@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         env = f"env VIT_{name.upper()}"
         helptext = f"{field.description or ''} ({env})".strip()
         if field.annotation is bool:
-            s.add_argument(flag, dest=name, action="store_true", default=None, help=helptext)
+            s.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif name == "cors_origins":
             s.add_argument(flag, dest=name, help=f"comma-separated {helptext}")
         else:

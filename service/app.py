@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from service import imaging
+from service import imaging, runtime
 from service.api import explain, meta
 from service.api.deps import Ctx, InvalidParams
 from service.api.explain import ClientGone
@@ -34,6 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.tune_allocator:
+        runtime.tune_allocator()
     metrics = Metrics()
     pool = ModelPool(
         [ModelSpec.parse(s) for s in settings.models],

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     replicas_per_device: int = Field(1, ge=1, le=16, description="model copies per device")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="half types on CUDA only")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    tune_allocator: bool = Field(True, description="keep freed memory in the process for the next batch (glibc)")
     # -- batching and limits
     max_batch_size: int = Field(16, ge=1, le=1024, description="a batch flushes when it holds this many images")
     max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="... or when its oldest image has waited this long")

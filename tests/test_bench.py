@@ -14,6 +14,7 @@ def test_bench_quick_plumbing(tmp_path):
                  "--batching", "default", "--duration", "0.3", "--warmup", "0.1", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["engine"]) == {"bare", "rollout", "grad_rollout", "grad_floor", "fwd_full_bwd", "naive"}
+    assert set(results["plain_process"]) == {"bare", "grad_floor"}  # the issue-check reference, own process
     assert results["naive_max_abs_diff"] < 3e-3  # the baseline computes the same maps
     cells = results["served"]["cells"]
     assert [c["clients"] for c in cells] == [1, 2] and all(c["errors"] == 0 for c in cells)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
+from service import runtime  # noqa: E402
 from service.bench import inprocess, report, served  # noqa: E402
 from service.bench.client import ENDPOINTS  # noqa: E402
 
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="timed seconds per served cell")
     p.add_argument("--warmup", type=float, help="untimed seconds before each served cell")
     p.add_argument("--skip-served", action="store_true", help="part A only")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
     return p
 
@@ -55,11 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine['cpu_model']}, {machine['cpus_usable']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads); CPUs busy before start: {machine['cpu_busy_pct_before']:.0f}%")
 
-    print("A) engine, in process")
+    machine["allocator_tuned"] = False if args.no_tune_allocator else runtime.tune_allocator()
+    print(f"A) engine, in process (allocator tuned as the server does: {machine['allocator_tuned']})")
     engine = inprocess.run_engine_bench(batches, preset["timing"])
+    plain = inprocess.run_plain_process(report.TARGET_BATCH, preset["timing"])
+    for case, fig in plain.items():
+        print(f"  plain process  {case:<10} batch {report.TARGET_BATCH}: {fig['img_s']:8.1f} img/s")
     results: dict = {
         "machine": machine,
         "engine": engine,
+        "plain_process": plain,
         "ratios": report.engine_ratios(engine),
         "naive_max_abs_diff": inprocess.naive_agreement(),
         "served": None,
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 clients, duration, warmup,
             )
 
-    results["targets"] = report.targets(engine, results["served"])
+    results["targets"] = report.targets(engine, results["served"], plain)
     machine["loadavg_end"] = os.getloadavg()
     machine["competing_processes"] = sorted(set(machine["competing_processes"]) | set(report.competing_processes()))
     results["settings"] = {

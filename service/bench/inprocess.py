@@ -15,7 +15,10 @@ own copy of the same seeded random-weight model, so no case sees another's hooks
 from __future__ import annotations
 
 import copy
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -147,6 +150,26 @@ def run_engine_bench(batches: list[int], timing: dict, log=print) -> dict:
             out[name][b] = fig
             log(f"  engine  {name:<13} batch {b:>3}: {fig['img_s']:8.1f} img/s  ({fig['ms_per_batch']:.1f} ms/batch, {fig['reps']} reps)")
     return out
+
+
+PLAIN_CASES = ("bare", "grad_floor")
+
+
+def run_plain_process(batch: int, timing: dict) -> dict:
+    """bare and grad_floor at one batch size, timed in a fresh Python process with glibc's default
+    allocator settings: the issue's own check times them that way, outside the service."""
+    code = (
+        "import json, sys; from service.bench import inprocess as b; "
+        f"print(json.dumps(b._plain_figures({batch}, json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(timing)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _plain_figures(batch: int, timing: dict) -> dict:
+    model = make_model()
+    x = make_images(batch)
+    return {"bare": time_case(bare_case(model), x, **timing), "grad_floor": time_case(grad_floor_case(model), x, **timing)}
 
 
 def naive_agreement(n_images: int = 2) -> float:
