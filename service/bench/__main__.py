@@ -16,7 +16,7 @@ from service import runtime  # noqa: E402
 from service.bench import inprocess, report, served  # noqa: E402
 from service.bench.client import ENDPOINTS  # noqa: E402
 
-FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 6.0, "warmup": 1.5,
+FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0,
         "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}
 QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5,
          "timing": {"warmup": 1, "min_reps": 2, "min_seconds": 0.0, "max_reps": 2}}
