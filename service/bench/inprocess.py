@@ -117,19 +117,10 @@ def build_cases(model: nn.Module) -> dict[str, Case]:
 
 
 # -- timing -----------------------------------------------------------------------------------
-def time_case(fn: Case, x: torch.Tensor, warmup: int, min_reps: int, min_seconds: float, max_reps: int) -> dict:
-    """Median over timed repetitions (after warm-up) of one batch's wall time."""
-    for _ in range(warmup):
-        fn(x)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
+def _figures(times: list[float], batch: int) -> dict:
     med = statistics.median(times)
     return {
-        "img_s": x.shape[0] / med,
+        "img_s": batch / med,
         "ms_per_batch": med * 1e3,
         "ms_min": min(times) * 1e3,
         "ms_max": max(times) * 1e3,
@@ -137,17 +128,41 @@ def time_case(fn: Case, x: torch.Tensor, warmup: int, min_reps: int, min_seconds
     }
 
 
+def time_cases(
+    cases: dict[str, Case], x: torch.Tensor, warmup: int, min_reps: int, min_seconds: float, max_reps: int
+) -> dict[str, dict]:
+    """Median batch wall time of every case, the cases taking turns one repetition at a time.
+
+    Interleaving puts every case under the same drift of a shared machine (on the development box
+    the same batch ran up to 1.5x slower from one minute to the next), so their ratios hold even
+    when the absolute figures move. Repetitions go on until each case has `min_reps` and the round
+    took `min_seconds` per case on average, or `max_reps`.
+    """
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn(x)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    start = time.perf_counter()
+    for rep in range(max_reps):
+        if rep >= min_reps and time.perf_counter() - start >= min_seconds * len(cases):
+            break
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - t0)
+    return {name: _figures(t, x.shape[0]) for name, t in times.items()}
+
+
 def run_engine_bench(batches: list[int], timing: dict, log=print) -> dict:
-    """{case: {batch: figures}} for every case and batch size."""
+    """{case: {batch: figures}} for every case and batch size, the cases interleaved per batch size."""
     torch.manual_seed(SEED)
     model = make_model()
     cases = build_cases(model)
     out: dict[str, dict[int, dict]] = {c: {} for c in CASES}
     for b in batches:
-        x = make_images(b)
+        figs = time_cases({name: cases[name] for name in CASES}, make_images(b), **timing)
         for name in CASES:
-            fig = time_case(cases[name], x, **timing)
-            out[name][b] = fig
+            fig = out[name][b] = figs[name]
             log(f"  engine  {name:<13} batch {b:>3}: {fig['img_s']:8.1f} img/s  ({fig['ms_per_batch']:.1f} ms/batch, {fig['reps']} reps)")
     return out
 
@@ -169,7 +184,7 @@ def run_plain_process(batch: int, timing: dict) -> dict:
 def _plain_figures(batch: int, timing: dict) -> dict:
     model = make_model()
     x = make_images(batch)
-    return {"bare": time_case(bare_case(model), x, **timing), "grad_floor": time_case(grad_floor_case(model), x, **timing)}
+    return time_cases({"bare": bare_case(model), "grad_floor": grad_floor_case(model)}, x, **timing)
 
 
 def naive_agreement(n_images: int = 2) -> float:
