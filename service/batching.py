@@ -1,9 +1,18 @@
 """Dynamic batching: concurrent requests to one model are queued and run together.
 
-A batch flushes when it holds `max_batch_size` items or when its oldest item has waited
-`max_delay_ms`. Each worker (one per model replica) takes the next batch when it is free, so
-batches go to whichever replica is idle, and while one batch computes the next one fills.
-The compute function runs in the worker's own thread, never on the event loop.
+Each worker (one per model replica) takes the next batch when it is free, so batches go to
+whichever replica is idle, and while one batch computes the next one fills. The compute
+function runs in the worker's own thread, never on the event loop. A free worker takes a batch:
+
+- at once when `max_batch_size` items are waiting;
+- at once when the items came to an idle worker and no other request is on its way (being
+  read or decoded, see `arriving`): a lone request never waits for company;
+- otherwise when `max_delay_ms` has passed since the later of the oldest item's arrival and
+  the moment the worker became free. The second clause matters under load from a fixed set of
+  clients: when a batch finishes, its clients send their next requests a few milliseconds
+  later, and taking only what queued meanwhile would split the clients into two half-size
+  cohorts for good (observed: 16 clients ran as batches of exactly 8, and batch 16 is about a
+  quarter faster per image than batch 8 on the development CPU).
 
 The queue is bounded: past `max_queue` waiting items, `submit` raises QueueFull at once, so
 that a flood is refused quickly instead of piling up; every accepted item gets an answer.
@@ -12,9 +21,10 @@ that a flood is refused quickly instead of piling up; every accepted item gets a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -64,6 +74,7 @@ class Batcher(Generic[T, R]):
         self._on_batch = on_batch
         self._workers = list(workers)
         self._pending: deque[_Item[T]] = deque()
+        self._arriving = 0  # requests being read or decoded that will submit soon
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(workers))]
@@ -92,6 +103,18 @@ class Batcher(Generic[T, R]):
         for ex in self._executors:
             ex.shutdown(wait=False, cancel_futures=True)
 
+    @contextlib.contextmanager
+    def arriving(self, n: int = 1) -> Iterator[None]:
+        """Announce n items that are on their way (call around decoding, before `submit`), so that
+        a free worker waits up to max_delay for them instead of starting a batch without them."""
+        self._arriving += n
+        try:
+            yield
+        finally:
+            self._arriving -= n
+            if self._wakeup is not None:
+                self._wakeup.set()
+
     async def submit(self, payload: T) -> R:
         """Queue one item and wait for its result (or the exception raised for it)."""
         if self._wakeup is None:
@@ -103,15 +126,21 @@ class Batcher(Generic[T, R]):
         self._wakeup.set()
         return await item.future  # cancelling the caller cancels the future: the item is skipped
 
-    async def _next_batch(self) -> list[_Item[T]]:
+    async def _next_batch(self, free_since: float) -> list[_Item[T]]:
+        """The next batch for a worker that has been free since `free_since` (see module doc)."""
         assert self._wakeup is not None
         while True:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            wait = self._pending[0].enqueued + self.max_delay - time.monotonic()
-            if len(self._pending) < self.max_batch_size and wait > 0:
+            oldest = self._pending[0].enqueued
+            came_to_idle_worker = free_since <= oldest
+            deadline = max(oldest, free_since) + self.max_delay
+            wait = deadline - time.monotonic()
+            full = len(self._pending) >= self.max_batch_size
+            alone = came_to_idle_worker and self._arriving == 0
+            if not (full or alone or wait <= 0):
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
@@ -126,8 +155,9 @@ class Batcher(Generic[T, R]):
 
     async def _work(self, fn: Worker, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
+        free_since = float("-inf")
         while True:
-            batch = await self._next_batch()
+            batch = await self._next_batch(free_since)
             started = time.monotonic()
             try:
                 outcomes = list(await loop.run_in_executor(executor, fn, [it.payload for it in batch]))
@@ -135,8 +165,9 @@ class Batcher(Generic[T, R]):
                     raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
             except Exception as e:  # noqa: BLE001 - the batch's callers get the error, the worker goes on
                 outcomes = [e] * len(batch)
+            free_since = time.monotonic()
             if self._on_batch is not None:
-                self._on_batch([started - it.enqueued for it in batch], time.monotonic() - started)
+                self._on_batch([started - it.enqueued for it in batch], free_since - started)
             for it, out in zip(batch, outcomes):
                 if it.future.done():
                     continue

@@ -30,8 +30,11 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     tune_allocator: bool = Field(True, description="keep freed memory in the process for the next batch (glibc)")
     # -- batching and limits
-    max_batch_size: int = Field(16, ge=1, le=1024, description="a batch flushes when it holds this many images")
-    max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="... or when its oldest image has waited this long")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="most images in one batch; a full batch starts at once")
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=10_000,
+        description="longest wait for more images: for requests still decoding, and after a batch for its clients to come back",
+    )
     max_queue: int = Field(256, ge=1, description="queued images per model before 503 + Retry-After")
     request_timeout_s: float = Field(60.0, gt=0, description="504 when a request takes longer")
     max_pixels: int = Field(40_000_000, ge=1, description="images with more pixels are refused (413)")

@@ -115,8 +115,9 @@ async def _until_disconnect(request: Request) -> None:
 
 
 async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, blobs: list[bytes]):
-    decoded = await run_in_threadpool(_decode_all, ctx, served, blobs)
-    submits = [asyncio.ensure_future(served.batcher.submit((x, job))) for _, x in decoded]
+    with served.batcher.arriving(len(blobs)):  # a free worker waits for these rather than start without them
+        decoded = await run_in_threadpool(_decode_all, ctx, served, blobs)
+        submits = [asyncio.ensure_future(served.batcher.submit((x, job))) for _, x in decoded]
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
         work = asyncio.gather(*submits)
