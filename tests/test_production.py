@@ -290,12 +290,18 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_dirs):
     with running_server(args) as s:
         data = png_bytes(smooth_image(62))
 
-        def call(i):
+        def call(i, images=1):
             with httpx.Client(base_url=s.url, timeout=60) as c:
-                return post(c, "/grad-rollout", data, category_id=i, format="json").status_code
+                files = [("image", ("x.png", data, "image/png"))] * images
+                return c.post("/grad-rollout", files=files, data={"category_id": str(i), "format": "json"}).status_code
 
-        with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(call, i) for i in range(6)]
+        with ThreadPoolExecutor(7) as pool:
+            # 16 gradient images keep the replica busy (about a second here; decoding them takes a tenth
+            # of that); six requests that come meanwhile queue, and after the batch the replica waits up
+            # to --max-delay-ms for more: SIGTERM lands while they wait.
+            busy = pool.submit(call, 0, 16)
+            time.sleep(0.5)
+            futures = [busy] + [pool.submit(call, i) for i in range(6)]
             deadline = time.monotonic() + 60
             with httpx.Client(base_url=s.url, timeout=60) as c:  # wait until all six are queued
                 while 'vit_queue_depth{model="deit"} 6.0' not in c.get("/metrics").text:
@@ -303,5 +309,5 @@ def test_sigterm_drains_accepted_work_then_exits_0(model_dirs):
                     time.sleep(0.05)
             s.proc.send_signal(signal.SIGTERM)  # the batch is still filling: it must run, not be lost
             statuses = [f.result() for f in futures]
-        assert statuses == [200] * 6
+        assert statuses == [200] * 7
         assert s.proc.wait(timeout=60) == 0
