@@ -32,15 +32,21 @@ RETRY_AFTER_S = 2
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    devices = resolve_devices(settings.device)
+    replicas, threads = settings.replicas_per_device or 1, settings.threads
+    if all(d.type == "cpu" for d in devices):
+        replicas, threads = runtime.cpu_layout(runtime.usable_cores(), settings.replicas_per_device, threads)
+    if threads:
+        torch.set_num_threads(threads)
     if settings.tune_allocator:
         runtime.tune_allocator()
+    log.info("devices %s, %d replica(s) per device, %d torch thread(s)", [str(d) for d in devices], replicas,
+             torch.get_num_threads())
     metrics = Metrics()
     pool = ModelPool(
         [ModelSpec.parse(s) for s in settings.models],
-        resolve_devices(settings.device),
-        replicas_per_device=settings.replicas_per_device,
+        devices,
+        replicas_per_device=replicas,
         dtype=settings.dtype,
         max_batch_size=settings.max_batch_size,
         max_delay_ms=settings.max_delay_ms,

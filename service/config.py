@@ -25,9 +25,13 @@ class Settings(BaseSettings):
         description="[ALIAS=]SPEC per model; the first available one is the default",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, or a comma list such as cuda:0,cuda:1")
-    replicas_per_device: int = Field(1, ge=1, le=16, description="model copies per device")
+    replicas_per_device: int | None = Field(
+        None, ge=1, le=16, description="model copies per device (default: 1 per GPU; on CPU one per core, at most 4)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="half types on CUDA only")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (default: the CPU cores shared evenly between CPU replicas)"
+    )
     tune_allocator: bool = Field(True, description="keep freed memory in the process for the next batch (glibc)")
     # -- batching and limits
     max_batch_size: int = Field(16, ge=1, le=1024, description="most images in one batch; a full batch starts at once")

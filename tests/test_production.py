@@ -286,7 +286,7 @@ def test_timeouts_answer_504(model_dirs):
 
 def test_sigterm_drains_accepted_work_then_exits_0(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--max-delay-ms", "3000",
-            "--max-batch-size", "64"]
+            "--max-batch-size", "64", "--replicas-per-device", "1"]  # one replica, so the six must queue
     with running_server(args) as s:
         data = png_bytes(smooth_image(62))
 
