@@ -8,11 +8,13 @@ function runs in the worker's own thread, never on the event loop. A free worker
 - at once when the items came to an idle worker and no other request is on its way (being
   read or decoded, see `arriving`): a lone request never waits for company;
 - otherwise when `max_delay_ms` has passed since the later of the oldest item's arrival and
-  the moment the worker became free. The second clause matters under load from a fixed set of
-  clients: when a batch finishes, its clients send their next requests a few milliseconds
-  later, and taking only what queued meanwhile would split the clients into two half-size
-  cohorts for good (observed: 16 clients ran as batches of exactly 8, and batch 16 is about a
-  quarter faster per image than batch 8 on the development CPU).
+  the moment the worker became free.
+
+Counting from the moment the worker became free matters under load from a fixed set of
+clients: when a batch finishes, its clients send their next requests a few milliseconds later,
+and taking only what queued meanwhile would split the clients into two half-size cohorts for
+good (observed: 16 clients ran as batches of exactly 8; batch 16 ran up to a quarter faster per
+image than batch 8 on the development CPU).
 
 The queue is bounded: past `max_queue` waiting items, `submit` raises QueueFull at once, so
 that a flood is refused quickly instead of piling up; every accepted item gets an answer.

@@ -167,9 +167,6 @@ def run_engine_bench(batches: list[int], timing: dict, log=print) -> dict:
     return out
 
 
-PLAIN_CASES = ("bare", "grad_floor")
-
-
 def run_plain_process(batch: int, timing: dict) -> dict:
     """bare and grad_floor at one batch size, timed in a fresh Python process with glibc's default
     allocator settings: the issue's own check times them that way, outside the service."""
