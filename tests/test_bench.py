@@ -11,7 +11,7 @@ from service.bench.__main__ import main
 def test_bench_quick_plumbing(tmp_path):
     out = tmp_path / "bench"
     assert main(["--quick", "--batches", "1", "--clients", "1,2", "--endpoints", "rollout-json",
-                 "--batching", "default", "--duration", "0.3", "--warmup", "0.1", "--out", str(out)]) == 0
+                 "--batching", "default", "--duration", "1.5", "--warmup", "0.2", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["engine"]) == {"bare", "rollout", "grad_rollout", "grad_floor", "fwd_full_bwd", "naive"}
     assert set(results["plain_process"]) == {"bare", "grad_floor"}  # the issue-check reference, own process
