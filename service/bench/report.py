@@ -12,6 +12,8 @@ from pathlib import Path
 import timm
 import torch
 
+from service import runtime
+
 TARGET_BATCH = 16  # the engine targets and the served comparisons are at batch 16 / 16 clients
 TARGET_CLIENTS = 16
 
@@ -58,6 +60,7 @@ def cpu_busy_pct(seconds: float = 1.0) -> float:
 
 
 def machine_info() -> dict:
+    server_replicas, server_threads = runtime.cpu_layout(runtime.usable_cores(), None, None)  # the server's defaults
     return {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -70,6 +73,8 @@ def machine_info() -> dict:
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_start": os.getloadavg(),
         "cpu_busy_pct_before": cpu_busy_pct(),
+        "server_replicas": server_replicas,
+        "server_threads": server_threads,
     }
 
 
@@ -188,8 +193,10 @@ def machine_note(results: dict) -> str:
         "",
         f"- date (UTC): {m['date_utc']}",
         f"- CPU: {m['cpu_model']}, {m['cpu_count']} logical cores ({m['cpus_usable']} usable), no GPU used",
-        f"- torch {m['torch']}, {m['torch_threads']} intra-op threads (torch's default, same for every case "
-        f"and for the server), {m['torch_interop_threads']} inter-op; timm {m['timm']}; Python {m['python']}",
+        f"- torch {m['torch']}, {m['torch_threads']} intra-op threads for every in-process case (torch's default), "
+        f"{m['torch_interop_threads']} inter-op; timm {m['timm']}; Python {m['python']}",
+        f"- the server runs its CPU defaults: {m.get('server_replicas')} replica(s) x {m.get('server_threads')} "
+        "thread(s) (service/runtime.py)",
         f"- allocator tuned for part A as the server tunes it (service/runtime.py): {m.get('allocator_tuned')}",
         f"- load average at start / end: {m['loadavg_start']} / {m['loadavg_end']}; CPUs busy "
         f"(others) just before the run: {m['cpu_busy_pct_before']:.0f}%",
