@@ -19,7 +19,6 @@ masks are known, and writes a markdown table and a picture grid:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

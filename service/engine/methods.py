@@ -68,9 +68,10 @@ def _kth_numpy(x: torch.Tensor, k: int) -> torch.Tensor:
     rows = x.detach().numpy()
     parts = min(torch.get_num_threads(), rows.shape[0])
     if parts <= 1:
-        return torch.from_numpy(_kth_rows(rows, k)).to(x.dtype)
-    chunks = _select_pool(parts).map(_kth_rows, np.array_split(rows, parts), [k] * parts)
-    return torch.from_numpy(np.concatenate(list(chunks))).to(x.dtype)
+        chunks = [_kth_rows(rows, k)]
+    else:
+        chunks = list(_select_pool(parts).map(_kth_rows, np.array_split(rows, parts), [k] * parts))
+    return torch.from_numpy(np.concatenate(chunks)).to(x.dtype)
 
 
 @functools.cache
