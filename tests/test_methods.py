@@ -184,3 +184,23 @@ def test_models_the_methods_cannot_serve_are_refused(kwargs, why):
     model = timm.create_model(pretrained=False, **kwargs)
     with pytest.raises(UnsupportedModel, match=why):
         Engine(model, torch.device("cpu"))
+
+
+def test_a_hybrid_vit_warms_up_and_matches_the_reference():
+    """A conv stem before the patch projection: the input is not grid x patch (224 px -> 7 x 7 tokens of 8 px
+    stem features). Warm-up used to build a 56 px input for it and the model never became ready."""
+    torch.manual_seed(5)
+    m = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, depth=3).eval()
+    engine = Engine(copy.deepcopy(m), torch.device("cpu"))
+    assert engine.input_size == (224, 224) and engine.grid == (7, 7)
+    engine.warmup()
+    x = torch.stack([ref.preprocess(smooth_image(40 + i), m) for i in range(2)])
+    r = ref.Reference(m)
+    cases = [
+        (Rollout("mean", 0.0), lambda i: r.rollout(r.run(x[i]), "mean", 0.0), tol(0.0)),
+        (GradRollout(3, "mean", 0.0), lambda i: r.grad_rollout(r.run(x[i], 3), "mean", 0.0), tol(0.0, grad=True)),
+    ]
+    for job, want, atol in cases:
+        got = engine.run(x, [job, job])
+        for i in range(2):
+            np.testing.assert_allclose(got[i].maps, want(i), atol=atol, rtol=0)

@@ -33,6 +33,11 @@ class Engine:
         self.head_dim = attns[0].head_dim
         self.prefix = int(self.model.num_prefix_tokens)
         self.grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
+        # (H, W) the model takes. Not grid x patch: a hybrid ViT's conv stem shrinks the image before its
+        # patch projection (vit_tiny_r_s16_p8_224: 224 -> 56 px features -> 8 px patches -> 7 x 7 grid).
+        img_size = getattr(self.model.patch_embed, "img_size", None)
+        patch = self.model.patch_embed.patch_size
+        self.input_size = tuple(int(s) for s in img_size) if img_size else tuple(g * p for g, p in zip(self.grid, patch))
         self._hooks = install_hooks(self.model)
 
     # -- public -----------------------------------------------------------------------------
@@ -52,7 +57,7 @@ class Engine:
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run every method once so the first real request does not pay for lazy initialisation."""
-        h, w = (g * p for g, p in zip(self.grid, self.model.patch_embed.patch_size))
+        h, w = self.input_size
         for b in batch_sizes:
             x = torch.zeros(b, 3, h, w)
             self.run(x, [Rollout()] * b)
