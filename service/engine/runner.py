@@ -36,8 +36,9 @@ class Engine:
         # (H, W) the model takes. Not grid x patch: a hybrid ViT's conv stem shrinks the image before its
         # patch projection (vit_tiny_r_s16_p8_224: 224 -> 56 px features -> 8 px patches -> 7 x 7 grid).
         img_size = getattr(self.model.patch_embed, "img_size", None)
-        patch = self.model.patch_embed.patch_size
-        self.input_size = tuple(int(s) for s in img_size) if img_size else tuple(g * p for g, p in zip(self.grid, patch))
+        if img_size is None:  # dynamic-size embeddings record none; their patches tile the input
+            img_size = [g * p for g, p in zip(self.grid, self.model.patch_embed.patch_size)]
+        self.input_size = tuple(int(s) for s in img_size)
         self._hooks = install_hooks(self.model)
 
     # -- public -----------------------------------------------------------------------------
