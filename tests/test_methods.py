@@ -10,6 +10,7 @@ import timm
 import torch
 
 from service.engine import methods
+from service.engine import capture as capture_module
 from service.engine.capture import UnsupportedModel
 from service.engine.jobs import QK, GradRollout, LayerAttention, Predict, Rollout
 from service.engine.runner import Engine
@@ -63,6 +64,18 @@ def test_the_cuda_and_cpu_kth_value_paths_agree():
                 torch.testing.assert_close(methods._kth_numpy(x, k), methods._kth_torch(x, k), rtol=0, atol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_cpu_and_device_zeroing_paths_agree():
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(4, 500, generator=g)
+    x[1, :300] = 0.25  # ties at the threshold are zeroed too
+    thresholds = torch.tensor([[0.0], [0.25], [0.5], [1.0]])
+    by_row, by_mask = x.clone(), x.clone()
+    methods._zero_by_row(by_row, thresholds)
+    methods._zero_by_mask(by_mask, thresholds)
+    torch.testing.assert_close(by_row, by_mask, rtol=0, atol=0)
+    torch.testing.assert_close(by_row, torch.where(x > thresholds, x, 0.0), rtol=0, atol=0)
 
 
 def test_rollout_row_is_row_zero_of_the_normalised_product():
@@ -148,6 +161,21 @@ def test_batch_never_changes_an_items_answer(setups, models, arch):
     together = engine.run(x, MIXED)
     for i, job in enumerate(MIXED):
         _same(together[i], engine.run(x[i : i + 1], [job])[0])
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 64])
+def test_the_chunk_size_of_taken_attention_never_changes_an_answer(setups, models, monkeypatch, chunk):
+    """On the CPU the plain pass takes attention one image at a time; an accelerator takes the whole
+    batch. Chunks of several images, runs of equal jobs across and within them, must give the same."""
+    engine, r, _ = setups["deit_tiny_patch16_224"]
+    m = models["deit_tiny_patch16_224"]
+    jobs = MIXED + [Rollout("max", 0.9)] * 3 + [LayerAttention(1)] * 2
+    x = torch.stack([ref.preprocess(smooth_image(30 + i), m) for i in range(len(jobs))])
+    one_by_one = engine.run(x, jobs)
+    monkeypatch.setattr(capture_module, "CPU_CHUNK", chunk)
+    for a, b in zip(engine.run(x, jobs), one_by_one):
+        _same(a, b, atol=1e-6)
+    np.testing.assert_allclose(one_by_one[9].maps, r.rollout(r.run(x[9]), "max", 0.9), atol=tol(0.9), rtol=0)
 
 
 def test_fused_and_unfused_models_give_the_same_maps(models):

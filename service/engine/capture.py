@@ -13,6 +13,14 @@ keep, so the captured attention is the one the model used, computed once, and au
 differentiate the output with respect to it. Outside `capture(...)` nothing changes: the
 fused kernel runs as shipped.
 
+Two ways to receive the attention:
+  kept     store.attn[block] = a (B, H, N, N), whole; what autograd needs (gradient rollout)
+  taken    take(block, rows, a[rows]) for chunks of images, and nothing is kept: the caller
+           reduces each chunk at once (fuses the heads) while it is in cache. On the CPU a chunk
+           is one image: its q, k and v are strided views into the qkv projection that BLAS
+           takes as they are, where a batch of them would first be copied, and its attention
+           (DeiT-Tiny: 466 KB) stays in L2. On an accelerator a chunk is the whole batch.
+
 Hooks are registered once, when a model is loaded; the capture state lives in a ContextVar and
 the function mode on the calling thread only, never on the shared modules, so concurrent
 batches on different threads cannot race.
@@ -22,14 +30,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+
+# Images per chunk of taken attention on the CPU (see the module docstring).
+CPU_CHUNK = 1
+
+# take(block, rows, attn): attn (len(rows), H, N, N) post-softmax, for the batch rows `rows`
+Take = Callable[[int, slice, torch.Tensor], None]
 
 
 class UnsupportedModel(ValueError):
@@ -40,7 +55,8 @@ class UnsupportedModel(ValueError):
 class Capture:
     """Tensors captured during one forward pass, keyed by block index.
 
-    `attn_layers` / `qk_layers` say which blocks keep their attention or their q and k.
+    `attn_layers` / `qk_layers` say which blocks capture their attention or their q and k.
+    With `take`, attention is handed to it chunk by chunk instead of kept in `attn`.
     """
 
     attn_layers: frozenset[int] = frozenset()
@@ -49,6 +65,7 @@ class Capture:
     q: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after q_norm
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after k_norm
     block: int | None = None  # the block whose attention runs next
+    take: Take | None = None
 
 
 _ACTIVE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("vit_capture", default=None)
@@ -72,18 +89,47 @@ class _ExplicitAttention(TorchFunctionMode):
         if kwargs.get("is_causal") or kwargs.get("dropout_p", 0.0) or kwargs.get("enable_gqa"):
             raise UnsupportedModel("causal, dropout or grouped-query attention cannot be captured")
         scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-        scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        attn = scores.softmax(dim=-1)
-        self.store.attn[block] = attn
-        return attn @ v
+        if self.store.take is None:
+            attn = _softmax_attention(q, k, scale, mask)  # (B, H, N, N)
+            self.store.attn[block] = attn
+            return attn @ v
+        b, h, n, d = q.shape
+        # (B, N, H, D) in memory: the model's next step, o.transpose(1, 2).reshape(B, N, H * D), is a view
+        out = q.new_empty(b, n, h, d).transpose(1, 2)
+        step = CPU_CHUNK if q.device.type == "cpu" else b
+        for start in range(0, b, step):
+            rows = slice(start, min(start + step, b))
+            attn = _softmax_attention(q[rows], k[rows], scale, _rows_of(mask, rows))
+            out[rows] = attn @ v[rows]
+            self.store.take(block, rows, attn)
+        return out
+
+
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ mask]): (B, H, N, D) x2 -> (B, H, N, N)."""
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1)
+
+
+def _rows_of(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The mask for a chunk of images: masks broadcast over a batch dimension of 1 or B."""
+    if mask is None or mask.dim() < 4 or mask.shape[0] == 1:
+        return mask
+    return mask[rows]
 
 
 @contextlib.contextmanager
-def capture(attn_layers: frozenset[int] = frozenset(), qk_layers: frozenset[int] = frozenset()) -> Iterator[Capture]:
-    """Within this block, forward passes of hooked models on this thread record into the Capture."""
-    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers)
+def capture(
+    attn_layers: frozenset[int] = frozenset(), qk_layers: frozenset[int] = frozenset(), take: Take | None = None
+) -> Iterator[Capture]:
+    """Within this block, forward passes of hooked models on this thread record into the Capture.
+
+    With `take`, the attention of `attn_layers` goes to it in chunks and is not kept; use it only
+    where no gradient flows through the attention.
+    """
+    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers, take=take)
     token = _ACTIVE.set(store)
     try:
         if attn_layers:
@@ -141,7 +187,11 @@ def _hook_block(i: int, attn: Attention) -> list[torch.utils.hooks.RemovableHand
 
     def on_unfused_attn(_mod, _inp, out: torch.Tensor) -> None:
         store = _ACTIVE.get()
-        if store is not None and i in store.attn_layers:
+        if store is None or i not in store.attn_layers:
+            return
+        if store.take is not None:
+            store.take(i, slice(0, out.shape[0]), out)
+        else:
             store.attn[i] = out  # the unfused path: the tensor the model multiplies v with
 
     return [

@@ -49,9 +49,28 @@ def discard_lowest(f: torch.Tensor, ratio: float) -> torch.Tensor:
     if k <= 0:
         return f
     flat = f.reshape(b, n * n)
-    drop = flat <= kth_smallest(flat, k)
-    drop[:, 0] = False
-    return flat.masked_fill_(drop, 0.0).view(b, n, n)
+    cls_to_cls = flat[:, 0].clone()
+    _zero_at_or_below(flat, kth_smallest(flat, k))
+    flat[:, 0] = cls_to_cls
+    return flat.view(b, n, n)
+
+
+def _zero_at_or_below(flat: torch.Tensor, threshold: torch.Tensor) -> None:
+    """flat (B, M), threshold (B, 1): zero, in place, every entry <= its row's threshold.
+
+    On the CPU one `threshold_` pass per row (the thresholds are on the host already); elsewhere
+    a mask and a fill, with no host round trip.
+    """
+    (_zero_by_row if flat.device.type == "cpu" else _zero_by_mask)(flat, threshold)
+
+
+def _zero_by_row(flat: torch.Tensor, threshold: torch.Tensor) -> None:
+    for row, t in zip(flat, threshold[:, 0].tolist()):
+        torch.nn.functional.threshold_(row, t, 0.0)  # x if x > t else 0
+
+
+def _zero_by_mask(flat: torch.Tensor, threshold: torch.Tensor) -> None:
+    flat.masked_fill_(flat <= threshold, 0.0)
 
 
 def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,11 +133,13 @@ def patch_map(row: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Te
     return row[..., prefix:].reshape(*row.shape[:-1], *grid)
 
 
-def attention_rollout(
-    attn: Sequence[torch.Tensor], fusion: Fusion, discard_ratio: float, prefix: int, grid: tuple[int, int]
-) -> torch.Tensor:
-    """Attention Rollout. attn: per block (B, H, N, N) post-softmax -> masks (B, gh, gw) in [0, 1]."""
-    weights = [discard_lowest(fuse_heads(a, fusion), discard_ratio) for a in attn]
+def rollout(fused: Sequence[torch.Tensor], discard_ratio: float, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Attention Rollout from each block's head-fused attention F_l (B, N, N) -> masks (B, gh, gw) in [0, 1].
+
+    W_l = discard(F_l, ratio), then row 0 of the rollout over the patches, divided by its max.
+    The F_l may be changed in place.
+    """
+    weights = [discard_lowest(f, discard_ratio) for f in fused]
     return normalize_max(patch_map(rollout_row(weights), prefix, grid))
 
 
@@ -130,24 +151,22 @@ def grad_rollout(
     prefix: int,
     grid: tuple[int, int],
 ) -> torch.Tensor:
-    """Gradient Attention Rollout: W_l = max(fuse(A_l * dy/dA_l), 0), then rollout as above.
+    """Gradient Attention Rollout: rollout of F_l = max(fuse(A_l * dy/dA_l), 0) -> masks (B, gh, gw).
 
     attn, grads: per block (B, H, N, N), the gradient of each image's own class logit.
     """
-    weights = [
-        discard_lowest(fuse_heads(a * g, fusion).clamp_min(0.0), discard_ratio) for a, g in zip(attn, grads)
-    ]
-    return normalize_max(patch_map(rollout_row(weights), prefix, grid))
+    fused = [fuse_heads(a * g, fusion).clamp_min(0.0) for a, g in zip(attn, grads)]
+    return rollout(fused, discard_ratio, prefix, grid)
 
 
 def class_attention(
-    attn: Sequence[torch.Tensor], head: int | Fusion, prefix: int, grid: tuple[int, int]
+    cls_rows: Sequence[torch.Tensor], head: int | Fusion, prefix: int, grid: tuple[int, int]
 ) -> torch.Tensor:
-    """The class token's attention to the patches in every block -> (B, L, gh, gw), each map / its max."""
-    rows = []
-    for a in attn:  # (B, H, N, N)
-        cls = a[:, :, 0, :]  # (B, H, N)
-        rows.append(cls[:, head] if isinstance(head, int) else fuse_heads(cls, head))
+    """The class token's attention to the patches in every block -> (B, L, gh, gw), each map / its max.
+
+    cls_rows: per block (B, H, N), row 0 of the post-softmax attention, A_l[:, :, 0, :].
+    """
+    rows = [r[:, head] if isinstance(head, int) else fuse_heads(r, head) for r in cls_rows]
     return normalize_max(patch_map(torch.stack(rows, dim=1), prefix, grid))
 
 

@@ -74,16 +74,17 @@ class Engine:
         every = frozenset(range(self.num_layers))
         attn_layers = every if any(isinstance(j, (Rollout, LayerAttention)) for j in jobs) else frozenset()
         qk_layers = frozenset(j.layer for j in jobs if isinstance(j, QK))
-        with torch.inference_mode(), capture(attn_layers, qk_layers) as store:
+        reduced = _Reduced(jobs)
+        with torch.inference_mode(), capture(attn_layers, qk_layers, take=reduced) as store:
             logits = self.model(x)
-            attn = [store.attn[l].float() for l in sorted(attn_layers)]  # per block (B, H, N, N)
             maps = [None] * len(jobs)
             for params, idx in _group(jobs, (Rollout, LayerAttention)).items():
-                sub = _rows(attn, idx, len(jobs))
                 if isinstance(params, Rollout):
-                    m = methods.attention_rollout(sub, params.head_fusion, params.discard_ratio, self.prefix, self.grid)
+                    fused = reduced.blocks(reduced.fused, idx)  # per block (b, N, N)
+                    m = methods.rollout(fused, params.discard_ratio, self.prefix, self.grid)
                 else:
-                    m = methods.class_attention(sub, params.head, self.prefix, self.grid)
+                    cls_rows = reduced.blocks(reduced.cls_rows, idx)  # per block (b, H, N)
+                    m = methods.class_attention(cls_rows, params.head, self.prefix, self.grid)
                 for i, mi in zip(idx, m.cpu().numpy()):
                     maps[i] = mi
             for i, job in enumerate(jobs):
@@ -117,6 +118,49 @@ class Engine:
                     maps[i] = mi
             preds = _top_k(logits.detach())
         return [Result(maps=m, predictions=p) for m, p in zip(maps, preds)]
+
+
+class _Reduced:
+    """What the plain pass keeps of each block's attention, reduced as it is made (capture's `take`).
+
+    Per block, for the rows of rollout jobs, the heads fused as each job asks, F_l (B, N, N); for
+    the rows of layer-attention jobs, the class token's row A_l[:, :, 0, :] (B, H, N). Rows of other
+    jobs are left unset and never read. Runs of equal jobs in a chunk are reduced together.
+    """
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self.jobs = jobs
+        self.fused: dict[int, torch.Tensor] = {}
+        self.cls_rows: dict[int, torch.Tensor] = {}
+
+    def __call__(self, block: int, rows: slice, attn: torch.Tensor) -> None:
+        for start, stop, job in _runs(self.jobs, rows):
+            a = attn[start - rows.start : stop - rows.start].float()  # (b, H, N, N)
+            if isinstance(job, Rollout):
+                f = methods.fuse_heads(a, job.head_fusion)
+                self._buffer(self.fused, block, f)[start:stop] = f
+            elif isinstance(job, LayerAttention):
+                self._buffer(self.cls_rows, block, a[:, :, 0])[start:stop] = a[:, :, 0]
+
+    def _buffer(self, store: dict[int, torch.Tensor], block: int, like: torch.Tensor) -> torch.Tensor:
+        if block not in store:
+            store[block] = like.new_empty(len(self.jobs), *like.shape[1:])
+        return store[block]
+
+    def blocks(self, store: dict[int, torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+        """The rows idx of every block's buffer, in block order."""
+        return _rows([store[b] for b in sorted(store)], idx, len(self.jobs))
+
+
+def _runs(jobs: Sequence[Job], rows: slice) -> list[tuple[int, int, Job]]:
+    """(start, stop, job) for each run of equal consecutive jobs within rows."""
+    out: list[tuple[int, int, Job]] = []
+    for i in range(rows.start, rows.stop):
+        if out and out[-1][2] == jobs[i]:
+            out[-1] = (out[-1][0], i + 1, jobs[i])
+        else:
+            out.append((i, i + 1, jobs[i]))
+    return out
 
 
 def _group(jobs: Sequence[Job], kinds: tuple[type, ...], ignore: tuple[str, ...] = ()) -> dict[Job, list[int]]:
