@@ -82,3 +82,5 @@ def test_grayscale_and_png_roundtrip():
     g = imaging.grayscale(m, (4, 2))
     assert g.shape == (2, 4) and g[0, 0] == 0 and g[0, -1] == 255
     assert Image.open(io.BytesIO(imaging.encode_png(g))).size == (4, 2)
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(imaging.encode_png(rgb)))), rgb)  # lossless
