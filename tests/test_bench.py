@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+
+from service.bench import profile
 from service.bench.__main__ import main
 
 
@@ -22,3 +25,14 @@ def test_bench_quick_plumbing(tmp_path):
     assert results["served"]["peak_rss_mb"]["default"] > 0
     assert {t["name"] for t in results["targets"]}  # every target is listed, even when n/a
     assert "Targets" in (out / "results.md").read_text() and (out / "MACHINE.md").exists()
+
+
+def test_profile_prints_the_busiest_ops_of_each_case(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert profile.main(["--cases", "bare,rollout", "--batch", "1", "--reps", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "bare: 1 batches of 1" in out and "rollout: 1 batches of 1" in out
+    assert "aten::bmm" in out  # rollout writes the attention out instead of the fused kernel

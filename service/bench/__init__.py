@@ -9,4 +9,5 @@ Parts (one module each):
   served     a real `python -m service serve` process loaded by a separate client process
              (client.py), in requests per second and latency percentiles
   report     the targets (PASS/MISS), the printed table, results.json and MACHINE.md
+  profile    not part of the run: `python -m service.bench.profile`, the per-op profile of a case
 """
