@@ -93,9 +93,9 @@ class _ExplicitAttention(TorchFunctionMode):
             attn = _softmax_attention(q, k, scale, mask)  # (B, H, N, N)
             self.store.attn[block] = attn
             return attn @ v
-        b, h, n, d = q.shape
-        # (B, N, H, D) in memory: the model's next step, o.transpose(1, 2).reshape(B, N, H * D), is a view
-        out = q.new_empty(b, n, h, d).transpose(1, 2)
+        b, h, n, _ = q.shape
+        # (B, N, H, Dv) in memory: the model's next step, o.transpose(1, 2).reshape(B, N, H * Dv), is a view
+        out = v.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
         step = CPU_CHUNK if q.device.type == "cpu" else b
         for start in range(0, b, step):
             rows = slice(start, min(start + step, b))
