@@ -4,10 +4,12 @@ are not tests, and this machine's figures say nothing about correctness."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
 from service.bench import profile
+from service.bench.compare import compare
 from service.bench.__main__ import main
 
 
@@ -36,3 +38,12 @@ def test_profile_prints_the_busiest_ops_of_each_case(capsys):
     out = capsys.readouterr().out
     assert "bare: 1 batches of 1" in out and "rollout: 1 batches of 1" in out
     assert "aten::bmm" in out  # rollout writes the attention out instead of the fused kernel
+
+
+def test_compare_alternates_two_servers_from_their_own_trees(tmp_path):
+    here = Path(__file__).resolve().parents[1]
+    lines: list[str] = []
+    out = compare([here, here], ["rollout-json"], clients=2, reps=2, duration=0.5, warmup=0.2,
+                  workdir=tmp_path, log=lines.append)
+    assert list(out) == ["rollout-json"] and all(len(v) == 2 and min(v) > 0 for v in out["rollout-json"])
+    assert "faster in" in lines[-1]

@@ -10,4 +10,6 @@ Parts (one module each):
              (client.py), in requests per second and latency percentiles
   report     the targets (PASS/MISS), the printed table, results.json and MACHINE.md
   profile    not part of the run: `python -m service.bench.profile`, the per-op profile of a case
+  compare    not part of the run: `python -m service.bench.compare BEFORE AFTER`, two versions'
+             servers side by side in alternating windows, for changes smaller than the drift
 """

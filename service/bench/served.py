@@ -62,12 +62,14 @@ def _ready(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def server(spec: str, flags: list[str], log_path: Path, timeout: float = 180.0) -> Iterator[tuple[int, subprocess.Popen]]:
+def server(
+    spec: str, flags: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, subprocess.Popen]]:
     """Start `python -m service serve --model deit=SPEC ...` with its defaults (log level included)
-    but for `flags`, wait for /readyz == 200, stop it after."""
+    but for `flags`, wait for /readyz == 200, stop it after. `env` adds to this process's environment."""
     port = free_port()
     args = [sys.executable, "-m", "service", "serve", "--model", f"deit={spec}", "--port", str(port), *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
