@@ -124,10 +124,13 @@ def grayscale(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def encode_png(arr: np.ndarray) -> bytes:
     """uint8 (H, W) or (H, W, 3) -> PNG bytes, fast rather than small.
 
-    After PNG's row filters an overlay is mostly small residuals: Huffman coding alone
-    (zlib.Z_HUFFMAN_ONLY) packs them about as well as LZ77 at level 1 and costs ~20% less
-    (224 x 224 heatmap: 3.9 ms and 81 KB against 4.8 ms and 93 KB).
+    After PNG's row filters an image is mostly small residuals and runs of them: zlib's run-length
+    strategy (Z_RLE: matches at distance 1 only) packs them about as well as full LZ77 at level 1,
+    for less time. 224 x 224 heatmap: 4.0 ms and 81 KB against 4.8 ms and 93 KB; 1600 x 1200
+    heatmap over a smooth photo: 124 ms, 1.3 MB against 169 ms, 1.6 MB; over a flat one: 81 ms,
+    892 KB against 79 ms, 840 KB. (Huffman coding alone was as fast on small images but 20%
+    larger on flat ones.)
     """
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY)
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     return buf.getvalue()
