@@ -25,15 +25,15 @@ Fusion = Literal["mean", "max", "min"]
 FUSIONS: tuple[Fusion, ...] = ("mean", "max", "min")
 
 
-def fuse_heads(x: torch.Tensor, fusion: Fusion) -> torch.Tensor:
-    """(B, H, ...) -> (B, ...): mean, max or min over the head dimension."""
-    if fusion == "mean":
-        return x.mean(dim=1)
-    if fusion == "max":
-        return x.amax(dim=1)
-    if fusion == "min":
-        return x.amin(dim=1)
-    raise ValueError(f"unknown head fusion {fusion!r}")
+_FUSE = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}
+
+
+def fuse_heads(x: torch.Tensor, fusion: Fusion, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, ...) -> (B, ...): mean, max or min over the head dimension, into `out` when given."""
+    if fusion not in _FUSE:
+        raise ValueError(f"unknown head fusion {fusion!r}")
+    reduce = _FUSE[fusion]
+    return reduce(x, dim=1) if out is None else reduce(x, dim=1, out=out)
 
 
 def discard_lowest(f: torch.Tensor, ratio: float) -> torch.Tensor:

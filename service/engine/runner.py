@@ -136,9 +136,8 @@ class _Reduced:
     def __call__(self, block: int, rows: slice, attn: torch.Tensor) -> None:
         for start, stop, job in _runs(self.jobs, rows):
             a = attn[start - rows.start : stop - rows.start].float()  # (b, H, N, N)
-            if isinstance(job, Rollout):
-                f = methods.fuse_heads(a, job.head_fusion)
-                self._buffer(self.fused, block, f)[start:stop] = f
+            if isinstance(job, Rollout):  # fused straight into the block's buffer: no temporary
+                methods.fuse_heads(a, job.head_fusion, out=self._buffer(self.fused, block, a[:, 0])[start:stop])
             elif isinstance(job, LayerAttention):
                 self._buffer(self.cls_rows, block, a[:, :, 0])[start:stop] = a[:, :, 0]
 
