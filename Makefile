@@ -30,13 +30,13 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m service.bench
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench
 
 train-demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m service.demo.train
+	HF_HUB_OFFLINE=1 $(BIN)/python -m demo.train
 
 eval: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m service.demo.evaluate
+	HF_HUB_OFFLINE=1 $(BIN)/python -m demo.evaluate
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from service.bench import profile
-from service.bench.compare import compare
-from service.bench.__main__ import main
+from bench import profile
+from bench.compare import compare
+from bench.__main__ import main
 
 
 def test_bench_quick_plumbing(tmp_path):

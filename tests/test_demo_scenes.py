@@ -1,4 +1,4 @@
-"""The synthetic scene generator and the shipped demo model (service/demo)."""
+"""The synthetic scene generator (demo/scenes.py) and the shipped demo model (service/demo/shapes-vit)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.demo import scenes
-from service.demo.scenes import CLASS_NAMES, SIZE, make_scene, scene_rng
+from demo import scenes
+from demo.scenes import CLASS_NAMES, SIZE, make_scene, scene_rng
+from service.config import SHAPES_VIT as MODEL_DIR
 
-MODEL_DIR = Path(scenes.__file__).parent / "shapes-vit"
 TEST_SEED = 4242  # not a training seed
 
 

@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 
-from service.demo import train
-from service.demo.scenes import CLASS_NAMES
+from demo import train
+from demo.scenes import CLASS_NAMES
 from service.engine.runner import Engine
 
 

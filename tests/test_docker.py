@@ -168,6 +168,7 @@ def _dockerignored(rel: str) -> bool:
 
 @pytest.mark.parametrize("rel", [
     "pyproject.toml", "README.md", "service/__main__.py", "service/engine/runner.py", "schemas/requests.py",
+    "service/demo/shapes-vit/model.safetensors",  # the bundled demo model the service loads
 ])
 def test_dockerignore_keeps(rel: str) -> None:
     assert not _dockerignored(rel)
@@ -176,6 +177,7 @@ def test_dockerignore_keeps(rel: str) -> None:
 @pytest.mark.parametrize("rel", [
     ".venv/bin/python", ".git/HEAD", ".pytest_cache/README.md", "tests/test_api.py", "docs/x.md",
     "bench-out/results.json", "service/__pycache__/app.cpython-311.pyc", "vit_explain_service.egg-info/PKG-INFO",
+    "bench/__main__.py", "demo/train.py",  # the benchmark and the demo tools are not part of the image
 ])
 def test_dockerignore_drops(rel: str) -> None:
     assert _dockerignored(rel)

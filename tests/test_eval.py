@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.demo import evaluate as ev
+from demo import evaluate as ev
 from service.engine.jobs import GradRollout, Rollout
 
 N = 48

@@ -29,7 +29,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def competing_processes(needles: tuple[str, ...] = ("service.demo.train",)) -> list[str]:
+def competing_processes(needles: tuple[str, ...] = ("demo.train",)) -> list[str]:
     """Command lines of known CPU-heavy processes (a training run) that would skew the timings."""
     found = []
     for d in Path("/proc").iterdir():

@@ -27,7 +27,7 @@ import timm
 import torch
 from torch import nn
 
-from service.bench.naive import NaiveRollout
+from bench.naive import NaiveRollout
 from service.engine.jobs import GradRollout, Rollout
 from service.engine.runner import Engine
 
@@ -171,7 +171,7 @@ def run_plain_process(batch: int, timing: dict) -> dict:
     """bare and grad_floor at one batch size, timed in a fresh Python process with glibc's default
     allocator settings: the issue's own check times them that way, outside the service."""
     code = (
-        "import json, sys; from service.bench import inprocess as b; "
+        "import json, sys; from bench import inprocess as b; "
         f"print(json.dumps(b._plain_figures({batch}, json.loads(sys.argv[1]))))"
     )
     done = subprocess.run([sys.executable, "-c", code, json.dumps(timing)], capture_output=True, text=True, check=True)

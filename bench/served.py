@@ -63,15 +63,17 @@ def _ready(port: int) -> bool:
 
 @contextlib.contextmanager
 def server(
-    spec: str, flags: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None
+    spec: str, flags: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen]]:
     """Start `python -m service serve --model deit=SPEC ...` with its defaults (log level included)
-    but for `flags`, wait for /readyz == 200, stop it after. `env` adds to this process's environment."""
+    but for `flags`, wait for /readyz == 200, stop it after. `env` adds to this process's environment;
+    `cwd` (default: this one) is where it runs, and `python -m` imports `service` from there first."""
     port = free_port()
     args = [sys.executable, "-m", "service", "serve", "--model", f"deit={spec}", "--port", str(port), *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             deadline = time.monotonic() + timeout
             while not _ready(port):
@@ -101,7 +103,7 @@ def peak_rss_mb(pid: int) -> float | None:
 
 def run_client(port: int, endpoint: str, image_path: Path, clients: int, duration: float, warmup: float) -> dict:
     """One cell, from a separate client process; returns its JSON figures."""
-    args = [sys.executable, "-m", "service.bench.client", "--port", str(port), "--endpoint", endpoint,
+    args = [sys.executable, "-m", "bench.client", "--port", str(port), "--endpoint", endpoint,
             "--image", str(image_path), "--clients", str(clients), "--duration", str(duration), "--warmup", str(warmup)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=duration + warmup + 300, check=False)
     if done.returncode != 0:

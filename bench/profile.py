@@ -1,7 +1,7 @@
 """Where an engine case spends its time, op by op: the profile behind docs/performance.md.
 
-    python -m service.bench.profile                          # bare and rollout, batch 16, 2 threads
-    python -m service.bench.profile --cases bare,grad_rollout,grad_floor --threads 1 --batch 8
+    python -m bench.profile                          # bare and rollout, batch 16, 2 threads
+    python -m bench.profile --cases bare,grad_rollout,grad_floor --threads 1 --batch 8
 
 Each case (see inprocess.py) runs two warm-up batches, then `--reps` batches under
 torch.profiler; prints the self CPU time of the busiest ops per case. Not part of `make bench`:
@@ -20,11 +20,11 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from service import runtime  # noqa: E402
-from service.bench import inprocess  # noqa: E402
+from bench import inprocess  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.profile", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="bare,rollout", help=f"subset of {','.join(inprocess.CASES)}")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -1,4 +1,4 @@
-"""`python -m service.bench [--quick]`: run parts A (engine) and B (served), print, write docs/bench/."""
+"""`python -m bench [--quick]`: run parts A (engine) and B (served), print, write docs/bench/."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
 from service import runtime  # noqa: E402
-from service.bench import inprocess, report, served  # noqa: E402
-from service.bench.client import ENDPOINTS  # noqa: E402
+from bench import inprocess, report, served  # noqa: E402
+from bench.client import ENDPOINTS  # noqa: E402
 
 FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0,
         "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}
@@ -27,7 +27,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a much shorter run for development")
     p.add_argument("--batches", help="engine batch sizes, e.g. 1,8,16,32")
     p.add_argument("--clients", help="concurrent clients per served cell, e.g. 1,4,16,64")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = os.getloadavg()
     machine["competing_processes"] = sorted(set(machine["competing_processes"]) | set(report.competing_processes()))
     results["settings"] = {
-        "command": "python -m service.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "quick": args.quick, "model": inprocess.ARCH, "seed": inprocess.SEED, "category_id": inprocess.CATEGORY_ID,
         "batches": batches, "clients": clients, "served_duration_s": duration, "served_warmup_s": warmup,
         "timing": preset["timing"], "server_flags": {k: served.BATCHING[k] for k in args.batching.split(",")},

@@ -13,7 +13,7 @@ In memory::
 
 On disk::
 
-    python -m service.demo.scenes --out DIR --n 100 --seed 7 --objects 2
+    python -m demo.scenes --out DIR --n 100 --seed 7 --objects 2
 
 writes DIR/00000.png, one binary mask per object (DIR/00000_0.png, ...) and
 DIR/scenes.jsonl. The same seed gives byte-identical files.

@@ -1,7 +1,7 @@
 """Load generator for part B, run as its own process so it shares neither process nor GIL
 with the server:
 
-    python -m service.bench.client --port P --endpoint rollout-json --image x.png \
+    python -m bench.client --port P --endpoint rollout-json --image x.png \
         --clients 16 --duration 6 --warmup 1.5
 
 C connections, each sending one request after another (HTTP/1.1 keep-alive) over plain asyncio
@@ -118,7 +118,7 @@ async def load(host: str, port: int, request: bytes, clients: int, duration: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.client")
+    p = argparse.ArgumentParser(prog="python -m bench.client")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--endpoint", choices=sorted(ENDPOINTS), required=True)

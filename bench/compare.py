@@ -1,7 +1,7 @@
 """Is one version of the service faster than another? Two servers, alternating short windows.
 
     git worktree add /tmp/before <commit>
-    python -m service.bench.compare /tmp/before . --endpoints rollout-json,rollout-png --reps 8
+    python -m bench.compare /tmp/before . --endpoints rollout-json,rollout-png --reps 8
 
 On a shared machine the same run can be 1.5x slower from one minute to the next, which swamps
 a 5-10% change between two separate `make bench` runs. Here both servers (each started from its
@@ -23,13 +23,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from service.bench import inprocess, served  # noqa: E402
-from service.bench.client import ENDPOINTS  # noqa: E402
+from bench import inprocess, served  # noqa: E402
+from bench.client import ENDPOINTS  # noqa: E402
 
 
 def compare(trees: list[Path], endpoints: list[str], clients: int, reps: int, duration: float, warmup: float,
             workdir: Path, log=print) -> dict[str, list[list[float]]]:
     """{endpoint: [req/s per window of trees[0], of trees[1]]}, both serving the same random-weight model."""
+    workdir = workdir.resolve()  # the servers run in their trees; the model path must not depend on it
     spec = served.save_model(inprocess.make_model(), workdir / "model")
     image = workdir / "bench.png"
     image.write_bytes(served.bench_png())
@@ -37,8 +38,12 @@ def compare(trees: list[Path], endpoints: list[str], clients: int, reps: int, du
     with contextlib.ExitStack() as stack:
         ports = []
         for i, tree in enumerate(trees):
-            env = {"PYTHONPATH": str(tree.resolve())}  # this tree's `service` package, not the installed one
-            port, _ = stack.enter_context(served.server(spec, [], workdir / f"server-{i}.log", env=env))
+            # This tree's `service` package, not the installed one nor the current directory's: `python -m`
+            # puts its working directory ahead of PYTHONPATH on sys.path, so the server runs inside the tree.
+            # Only the tree's `service` is used, so a tree from before the bench moved out of it serves too.
+            tree = tree.resolve()
+            env = {"PYTHONPATH": str(tree)}
+            port, _ = stack.enter_context(served.server(spec, [], workdir / f"server-{i}.log", env=env, cwd=tree))
             ports.append(port)
         for endpoint in endpoints:
             figs: list[list[float]] = [[] for _ in trees]
@@ -55,7 +60,7 @@ def compare(trees: list[Path], endpoints: list[str], clients: int, reps: int, du
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.compare", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     p.add_argument("before", type=Path, help="source tree of the first version (a git worktree)")
     p.add_argument("after", type=Path, help="source tree of the second version")
     p.add_argument("--endpoints", default="rollout-json", help=f"subset of {','.join(ENDPOINTS)}")

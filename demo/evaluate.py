@@ -13,7 +13,7 @@ masks are known, and writes a markdown table and a picture grid:
   average the true class's probability over the steps (lower deletion, higher insertion is
   better), against a random-map baseline.
 
-    python -m service.demo.evaluate [--n 200] [--seed 424242] [--out docs/eval]
+    python -m demo.evaluate [--n 200] [--seed 424242] [--out docs/eval]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from service import imaging
 from service.config import SHAPES_VIT
-from service.demo.scenes import CLASS_NAMES, make_scene, scene_rng
+from demo.scenes import CLASS_NAMES, make_scene, scene_rng
 from service.engine.jobs import GradRollout, Job, LayerAttention, Rollout
 from service.engine.runner import Engine
 from service.models import Preprocess
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     table = to_markdown(report)
     (args.out / "report.md").write_text(
         "# Explanation quality on generated scenes\n\n"
-        f"Made by `make eval` (`python -m service.demo.evaluate --n {args.n} --seed {args.seed}`) in "
-        f"{time.monotonic() - started:.0f} s. Definitions: `service/demo/evaluate.py`.\n\n" + table
+        f"Made by `make eval` (`python -m demo.evaluate --n {args.n} --seed {args.seed}`) in "
+        f"{time.monotonic() - started:.0f} s. Definitions: `demo/evaluate.py`.\n\n" + table
         + "\n![maps](grid.png)\n"
     )
     picture_grid(engine, pre, args.seed).save(args.out / "grid.png")

@@ -1,9 +1,9 @@
 """Train the offline demo model: a small timm ViT that names the shape in a synthetic scene.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m service.demo.train      # what `make train-demo` runs
+    HF_HUB_OFFLINE=1 .venv/bin/python -m demo.train      # what `make train-demo` runs
 
 The model is a narrow ViT (patch 16 on 224x224, 14x14 grid, 3 heads, class token,
-token pooling) trained from scratch on scenes from :mod:`service.demo.scenes`:
+token pooling) trained from scratch on scenes from :mod:`demo.scenes`:
 60% single-object scenes (one-hot target) and 40% two-object scenes (target 0.5 on
 each present class), so each present class's logit depends on its own object's
 patches, which class-specific explanations rely on.
@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from service.demo.scenes import CLASS_NAMES, SIZE, make_scene, scene_rng
+from demo.scenes import CLASS_NAMES, SIZE, make_scene, scene_rng
+from service.config import SHAPES_VIT
 
-MODEL_DIR = Path(__file__).parent / "shapes-vit"
+MODEL_DIR = SHAPES_VIT  # the default --out: the bundled weights the service loads, service/demo/shapes-vit
 MEAN = STD = (0.5, 0.5, 0.5)
 TRAIN_SEED = 1  # scenes for training: scene_rng(TRAIN_SEED, i)
 EVAL_SEED = 20250  # held-out scenes, never used for training

@@ -1,7 +1,7 @@
 """`make bench`: how fast the engine and the HTTP service are on this machine, against targets.
 
-    python -m service.bench            # full run (~10-15 min on 2 CPU cores), writes docs/bench/
-    python -m service.bench --quick    # a short run for development (figures are rough)
+    python -m bench            # full run (~10-15 min on 2 CPU cores), writes docs/bench/
+    python -m bench --quick    # a short run for development (figures are rough)
 
 Parts (one module each):
   inprocess  the engine in this process, next to a bare forward, the gradient floor, a forward
@@ -9,7 +9,7 @@ Parts (one module each):
   served     a real `python -m service serve` process loaded by a separate client process
              (client.py), in requests per second and latency percentiles
   report     the targets (PASS/MISS), the printed table, results.json and MACHINE.md
-  profile    not part of the run: `python -m service.bench.profile`, the per-op profile of a case
-  compare    not part of the run: `python -m service.bench.compare BEFORE AFTER`, two versions'
+  profile    not part of the run: `python -m bench.profile`, the per-op profile of a case
+  compare    not part of the run: `python -m bench.compare BEFORE AFTER`, two versions'
              servers side by side in alternating windows, for changes smaller than the drift
 """
