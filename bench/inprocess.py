@@ -4,8 +4,8 @@ Every case is a callable taking a batch (B, 3, H, W) and doing one batch's work;
 own copy of the same seeded random-weight model, so no case sees another's hooks or settings.
 
   bare           timm forward under inference_mode, fused attention as shipped, no hooks
-  rollout        Engine.run(x, [Rollout()] * B)              (max fusion, discard 0.9)
-  grad_rollout   Engine.run(x, [GradRollout(category_id=k)] * B)
+  rollout        Engine.run(x, [job("rollout")] * B)              (max fusion, discard 0.9)
+  grad_rollout   Engine.run(x, [job("grad-rollout", category_id=k)] * B)
   grad_floor     forward + d(own logit)/d(attention of every block), nothing else: weights
                  frozen, unfused attention read by hooks on attn_drop, input requires grad
   fwd_full_bwd   forward + loss.backward() with every weight requiring grad (fused attention)
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bench.naive import NaiveRollout
-from service.engine.jobs import GradRollout, Rollout
+from service.methods import job
 from service.engine.runner import Engine
 
 ARCH = "deit_tiny_patch16_224"
@@ -61,11 +61,11 @@ def bare_case(model: nn.Module) -> Case:
 
 
 def rollout_case(engine: Engine) -> Case:
-    return lambda x: engine.run(x, [Rollout()] * x.shape[0])
+    return lambda x: engine.run(x, [job("rollout")] * x.shape[0])
 
 
 def grad_rollout_case(engine: Engine, category_id: int = CATEGORY_ID) -> Case:
-    return lambda x: engine.run(x, [GradRollout(category_id=category_id)] * x.shape[0])
+    return lambda x: engine.run(x, [job("grad-rollout", category_id=category_id)] * x.shape[0])
 
 
 def grad_floor_case(model: nn.Module, category_id: int = CATEGORY_ID) -> Case:
@@ -189,6 +189,6 @@ def naive_agreement(n_images: int = 2) -> float:
     model = make_model()
     engine = Engine(copy.deepcopy(model), torch.device("cpu"))
     x = make_images(n_images, seed=SEED + 1)
-    ours = np.stack([r.maps for r in engine.run(x, [Rollout()] * n_images)])
+    ours = np.stack([r.maps for r in engine.run(x, [job("rollout")] * n_images)])
     theirs = np.stack(naive_case(model)(x))
     return float(np.abs(ours - theirs).max())

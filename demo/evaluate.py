@@ -31,7 +31,8 @@ from PIL import Image, ImageDraw
 from service import imaging
 from service.config import SHAPES_VIT
 from demo.scenes import CLASS_NAMES, make_scene, scene_rng
-from service.engine.jobs import GradRollout, Job, LayerAttention, Rollout
+from service.engine.jobs import Job
+from service.methods import job as make_job
 from service.engine.runner import Engine
 from service.models import Preprocess
 
@@ -121,11 +122,11 @@ def settings() -> list[tuple[str, Job | None]]:
     out: list[tuple[str, Job | None]] = []
     for f in FUSIONS:
         for r in RATIOS:
-            out.append((f"rollout {f} r={r}", Rollout(f, r)))
+            out.append((f"rollout {f} r={r}", make_job("rollout", head_fusion=f, discard_ratio=r)))
     for f in FUSIONS:
         for r in RATIOS:
-            out.append((f"grad-rollout {f} r={r}", GradRollout(0, f, r)))
-    out.append(("last-layer attention (mean of heads)", LayerAttention("mean")))
+            out.append((f"grad-rollout {f} r={r}", make_job("grad-rollout", category_id=0, head_fusion=f, discard_ratio=r)))
+    out.append(("last-layer attention (mean of heads)", make_job("attention", head="mean")))
     out.append(("random map", None))
     return out
 
@@ -133,12 +134,12 @@ def settings() -> list[tuple[str, Job | None]]:
 def _maps_for(engine: Engine, scenes: list[Scene], job: Job | None, classes: list[int], rng) -> list[np.ndarray]:
     if job is None:
         return [rng.random(engine.grid) for _ in scenes]
-    if isinstance(job, GradRollout):
-        jobs = [GradRollout(c, job.head_fusion, job.discard_ratio) for c in classes]
+    if job.method.name == "grad-rollout":
+        jobs = [Job(job.method, job.params.model_copy(update={"category_id": c})) for c in classes]
     else:
         jobs = [job] * len(scenes)
     res = run_jobs(engine, [s.x for s in scenes], jobs)
-    return [r.maps[-1] if isinstance(job, LayerAttention) else r.maps for r in res]
+    return [r.maps[-1] if job.method.name == "attention" else r.maps for r in res]
 
 
 def evaluate(n: int, seed: int, engine: Engine, pre: Preprocess, curves: bool = True) -> dict:
@@ -146,7 +147,7 @@ def evaluate(n: int, seed: int, engine: Engine, pre: Preprocess, curves: bool = 
     singles = make_scenes(n, 1, seed, pre, engine.grid)
     pairs = make_scenes(n, 2, seed + 1, pre, engine.grid)
     truth = [s.objects[0][0] for s in singles]
-    preds = run_jobs(engine, [s.x for s in singles], [Rollout()] * len(singles))
+    preds = run_jobs(engine, [s.x for s in singles], [make_job("rollout")] * len(singles))
     accuracy = float(np.mean([r.predictions[0].class_id == t for r, t in zip(preds, truth)]))
     # Two-object scenes, each asked once per object: flatten to (scene, object) pairs.
     pair_scenes = [s for s in pairs for _ in s.objects]
@@ -194,7 +195,9 @@ def picture_grid(engine: Engine, pre: Preprocess, seed: int, rows: int = 4) -> I
         img, objects = make_scene(scene_rng(seed + 7, i), 2)
         x = pre(img)
         (c0, _), (c1, _) = objects
-        res = engine.run(torch.stack([x] * 4), [Rollout(), GradRollout(c0), GradRollout(c1), LayerAttention("mean")])
+        jobs = [make_job("rollout"), make_job("grad-rollout", category_id=c0), make_job("grad-rollout", category_id=c1),
+                make_job("attention", head="mean")]
+        res = engine.run(torch.stack([x] * 4), jobs)
         maps = [res[0].maps, res[1].maps, res[2].maps, res[3].maps[-1]]
         small = img.resize((tile, tile))
         tiles = [small] + [Image.fromarray(imaging.overlay(small, m)) for m in maps]

@@ -1,59 +1,63 @@
-"""Request parameters: the fields each endpoint accepts besides the image.
+"""What every method's parameters are built from: the base model and the shared field types.
 
-They come as form fields of a multipart/form-data request (with one or more `image` file
+Each method declares its own parameters once, in its module under service/methods/, as a
+subclass of `Params`. That one class is the source of the field names, ranges, defaults and
+descriptions for request validation, the OpenAPI description, `GET /methods`, the engine's job
+and the README table.
+
+Parameters come as form fields of a multipart/form-data request (with one or more `image` file
 parts), or as members of an application/json object (with `image` as a base64 string or a list
-of them). Every field is validated with its range here; ranges that depend on the model (class
-ids, layers, heads, channels) are checked against the model by the API, also as 422.
+of them). Ranges that depend on the model (class ids, layers, heads, channels) are declared with
+`below(...)` and checked against the model by the API, also as 422.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Fusion = Literal["mean", "max", "min"]
+FUSIONS: tuple[Fusion, ...] = ("mean", "max", "min")
 Format = Literal["png", "json"]
 
-_MODEL = Field(None, description="model alias from GET /models; default: the first configured model")
-_FORMAT = Field("png", description="png: heatmap over the uploaded image; json: the raw map (always json for several images)")
+# Fields of every request that are about the request, not the method: never part of a job's key
+# and not echoed in `params` of the answers.
+REQUEST_FIELDS = frozenset({"model", "format"})
+
+# The model's dimensions a parameter can be bounded by (see `below`), as ModelShape names them.
+Bound = Literal["classes", "layers", "heads", "head_dim", "embed_dim"]
 
 
-class _Params(BaseModel):
-    """Fields every endpoint takes. Unknown fields are refused (a typo must not pass silently)."""
+class Params(BaseModel):
+    """Fields every method takes. Unknown fields are refused (a typo must not pass silently).
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    Frozen, so that equal parameters are equal jobs: the engine computes them together.
+    """
 
-    model: str | None = _MODEL
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, frozen=True)
 
-
-class RolloutParams(_Params):
-    head_fusion: Fusion = Field("max", description="how the heads of a layer are fused")
-    discard_ratio: float = Field(0.9, ge=0.0, lt=1.0, description="share of lowest attentions zeroed per layer")
-    format: Format = _FORMAT
+    model: str | None = Field(None, description="model alias from GET /models; default: the first configured model")
 
 
-class GradRolloutParams(_Params):
-    category_id: int = Field(..., ge=0, description="class to explain, 0 <= id < number of classes")
-    head_fusion: Fusion = Field("mean", description="how the heads of a layer are fused")
-    discard_ratio: float = Field(0.9, ge=0.0, lt=1.0, description="share of lowest weights zeroed per layer")
-    format: Format = _FORMAT
+def fmt(default: str = "png", doc: str = "png: heatmap over the uploaded image; json: the raw map") -> Any:
+    """The `format` field; several images are always answered as JSON."""
+    return Field(default, description=f"{doc} (always json for several images)")
 
 
-class AttentionParams(_Params):
-    head: Union[Annotated[int, Field(ge=0)], Fusion] = Field(
-        0, description="head index (0 <= head < heads), or mean|max|min over heads"
-    )
-    format: Format = _FORMAT
+def below(bound: Bound, default: Any = ..., description: str = "") -> Any:
+    """An index field: 0 <= value < the model's `bound` (checked per model by the API, 422)."""
+    return Field(default, ge=0, description=f"{description}, 0 <= value < {bound}".lstrip(", "),
+                 json_schema_extra={"x-below": bound})
 
 
-class QKParams(_Params):
-    layer: int = Field(0, ge=0, description="block index, 0 <= layer < layers")
-    head: int = Field(0, ge=0, description="head index, 0 <= head < heads")
-    channel: int = Field(0, ge=0, description="channel of the head, 0 <= channel < head dim")
-    which: Literal["q", "k"] = Field("q", description="q (queries) or k (keys)")
-    format: Format = _FORMAT
+def head_fusion(default: Fusion) -> Any:
+    return Field(default, description="how the heads of a block are fused: mean, max or min")
 
 
-class PredictParams(_Params):
-    pass
+def discard_ratio(what: str = "attentions") -> Any:
+    return Field(0.9, ge=0.0, lt=1.0, description=f"share of the lowest {what} zeroed per block")
+
+
+def start_layer() -> Any:
+    return below("layers", 0, "first block of the chain (skip early blocks that attend to one patch)")

@@ -21,7 +21,7 @@ class Prediction(_Out):
 
 class MaskResponse(_Out):
     model: str
-    method: Literal["rollout", "grad-rollout"]
+    method: str  # rollout, grad-rollout, gae
     params: dict[str, Any]
     grid: tuple[int, int]
     mask: Map
@@ -40,6 +40,46 @@ class QKResponse(_Out):
     params: dict[str, Any]
     grid: tuple[int, int]
     map: Map
+
+
+class SweepResponse(_Out):
+    model: str
+    method: str  # rollout or grad-rollout
+    params: dict[str, Any]
+    grid: tuple[int, int]
+    discard_ratios: list[float]
+    masks: list[Map]  # one per ratio, in order
+    predictions: list[Prediction]
+
+
+class ActivationMaxResponse(_Out):
+    model: str
+    params: dict[str, Any]
+    image: str  # base64 PNG at the model's input size
+    objective: list[float]  # the unit's value at every step, before that step's update
+
+
+class ParamInfo(_Out):
+    name: str
+    type: str
+    required: bool
+    default: Any = None
+    enum: list[Any] | None = None
+    minimum: float | None = None
+    exclusive_minimum: float | None = None
+    maximum: float | None = None
+    exclusive_maximum: float | None = None
+    below: str | None = None  # index below this dimension of the chosen model (GET /models)
+    description: str = ""
+
+
+class MethodInfo(_Out):
+    name: str
+    path: str
+    summary: str
+    image: Literal["required", "optional"]
+    formats: list[str]
+    params: list[ParamInfo]
 
 
 class PredictResponse(_Out):

@@ -18,6 +18,13 @@ image than batch 8 on the development CPU).
 
 The queue is bounded: past `max_queue` waiting items, `submit` raises QueueFull at once, so
 that a flood is refused quickly instead of piling up; every accepted item gets an answer.
+
+Long work (activation maximization) goes in the background lane, one item per session and step:
+a worker takes background items only when no foreground item waits, and at most
+`max(1, workers - 1)` workers run background batches at once, so with two or more replicas one
+is always free for explanations and with one replica an explanation waits at most one step.
+A background batch starts when every open session (`session()`) has submitted its next step, or
+`max_delay_ms` after the worker became free: concurrent sessions step together.
 """
 
 from __future__ import annotations
@@ -76,15 +83,24 @@ class Batcher(Generic[T, R]):
         self._on_batch = on_batch
         self._workers = list(workers)
         self._pending: deque[_Item[T]] = deque()
+        self._background: deque[_Item[T]] = deque()
         self._arriving = 0  # requests being read or decoded that will submit soon
+        self._sessions = 0  # open background sessions, each submitting one item per step
+        self._background_running = 0
+        self._background_limit = max(1, len(self._workers) - 1)
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(workers))]
 
     @property
     def depth(self) -> int:
-        """Items waiting, not yet taken by a worker."""
+        """Foreground items waiting, not yet taken by a worker."""
         return len(self._pending)
+
+    @property
+    def sessions(self) -> int:
+        """Open background sessions."""
+        return self._sessions
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -98,10 +114,11 @@ class Batcher(Generic[T, R]):
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for item in self._pending:
+        for item in (*self._pending, *self._background):
             if not item.future.done():
                 item.future.set_exception(ShuttingDown(f"model {self.name} is shutting down"))
         self._pending.clear()
+        self._background.clear()
         for ex in self._executors:
             ex.shutdown(wait=False, cancel_futures=True)
 
@@ -117,58 +134,82 @@ class Batcher(Generic[T, R]):
             if self._wakeup is not None:
                 self._wakeup.set()
 
-    async def submit(self, payload: T) -> R:
-        """Queue one item and wait for its result (or the exception raised for it)."""
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """A background session is open: background batches wait (up to max_delay) for its next step."""
+        self._sessions += 1
+        try:
+            yield
+        finally:
+            self._sessions -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    async def submit(self, payload: T, background: bool = False) -> R:
+        """Queue one item and wait for its result (or the exception raised for it).
+
+        Background items (one step of a session) are not counted against max_queue: callers limit
+        their sessions themselves."""
         if self._wakeup is None:
             raise RuntimeError(f"batcher {self.name} is not started")
-        if self.max_queue is not None and len(self._pending) >= self.max_queue:
+        if not background and self.max_queue is not None and len(self._pending) >= self.max_queue:
             raise QueueFull(f"model {self.name!r} has {len(self._pending)} images queued; try again shortly")
         item = _Item(payload, asyncio.get_running_loop().create_future())
-        self._pending.append(item)
+        (self._background if background else self._pending).append(item)
         self._wakeup.set()
         return await item.future  # cancelling the caller cancels the future: the item is skipped
 
-    async def _next_batch(self, free_since: float) -> list[_Item[T]]:
-        """The next batch for a worker that has been free since `free_since` (see module doc)."""
-        assert self._wakeup is not None
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+    def _ready(self, free_since: float) -> tuple[deque[_Item[T]] | None, float | None]:
+        """(the lane to take a batch from now, or None and how long to wait; None: until woken)."""
+        now = time.monotonic()
+        if self._pending:
             oldest = self._pending[0].enqueued
             came_to_idle_worker = free_since <= oldest
             deadline = max(oldest, free_since) + self.max_delay
-            wait = deadline - time.monotonic()
             full = len(self._pending) >= self.max_batch_size
             alone = came_to_idle_worker and self._arriving == 0
-            if not (full or alone or wait <= 0):
+            return (self._pending, None) if full or alone or deadline <= now else (None, deadline - now)
+        if self._background and self._background_running < self._background_limit:
+            deadline = max(self._background[0].enqueued, free_since) + self.max_delay
+            everyone = len(self._background) >= min(max(self._sessions, 1), self.max_batch_size)
+            return (self._background, None) if everyone or deadline <= now else (None, deadline - now)
+        return None, None
+
+    async def _next_batch(self, free_since: float) -> tuple[bool, list[_Item[T]]]:
+        """(background?, the next batch) for a worker that has been free since `free_since` (see module doc)."""
+        assert self._wakeup is not None
+        while True:
+            lane, wait = self._ready(free_since)
+            if lane is None:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
                 continue
-            n = min(self.max_batch_size, len(self._pending))
-            batch = [self._pending.popleft() for _ in range(n)]
+            n = min(self.max_batch_size, len(lane))
+            batch = [lane.popleft() for _ in range(n)]
             live = [it for it in batch if not it.future.done()]  # callers that gave up are dropped
             if live:
-                return live
+                return lane is self._background, live
 
     async def _work(self, fn: Worker, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         free_since = float("-inf")
         while True:
-            batch = await self._next_batch(free_since)
+            background, batch = await self._next_batch(free_since)
             started = time.monotonic()
+            self._background_running += background
             try:
                 outcomes = list(await loop.run_in_executor(executor, fn, [it.payload for it in batch]))
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
             except Exception as e:  # noqa: BLE001 - the batch's callers get the error, the worker goes on
                 outcomes = [e] * len(batch)
+            finally:
+                self._background_running -= background
             free_since = time.monotonic()
-            if self._on_batch is not None:
+            if self._on_batch is not None and not background:
                 self._on_batch([started - it.enqueued for it in batch], free_since - started)
             for it, out in zip(batch, outcomes):
                 if it.future.done():

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="images with more pixels are refused (413)")
     max_upload_mb: float = Field(20.0, gt=0, description="request bodies larger than this are refused (413)")
     max_images: int = Field(16, ge=1, le=1024, description="images in one multipart or JSON request")
+    max_maximizations: int = Field(
+        8, ge=1, le=1024, description="activation maximizations running at once per model before 503 + Retry-After"
+    )
     # -- HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -23,11 +23,13 @@ from service import models
 from service.batching import Batcher, BatchObserver
 from service.engine.jobs import Job, Result
 from service.engine.runner import Engine
+from service.methods import ModelShape
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "unavailable"]
-Item = tuple[torch.Tensor, Job]
+# (preprocessed image (3, H, W), job) for explanations; (the method's state, job) for the steps of iterative methods
+Item = tuple[object, Job]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +89,6 @@ class ServedModel:
     status: Status = "loading"
     reason: str | None = None
     engines: list[Engine] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
     preprocess: models.Preprocess | None = None
     batcher: Batcher[Item, Result] | None = None
 
@@ -100,24 +101,37 @@ class ServedModel:
         """The first replica: every replica has the same shape (grid, layers, heads)."""
         return self.engines[0] if self.engines else None
 
+    @property
+    def shape(self) -> ModelShape:
+        assert self.engine is not None, "the model is not loaded"
+        return self.engine.shape
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.engine.shape.labels if self.engine else ()
+
     def load(self) -> None:
         """Blocking: create the model, check it can be explained, place replicas, warm each up."""
         model = models.create(self.spec)
         engines = []
         for device in self.devices:
             for _ in range(self.replicas_per_device):
-                engine = Engine(copy.deepcopy(model), device, self.dtype)
+                engine = Engine(copy.deepcopy(model), device, self.dtype, name=self.name)
                 engine.warmup()
                 engines.append(engine)
-        self.labels = models.class_labels(model)
         self.preprocess = models.Preprocess.from_model(model)
         self.engines = engines
 
     def worker(self, engine: Engine) -> Callable[[list[Item]], list[Result | BaseException]]:
-        """The batcher's compute function for one replica: stack images, run, isolate failures."""
+        """The batcher's compute function for one replica: stack images, run, isolate failures.
 
-        def run(items: list[Item]) -> list[Result]:
-            return engine.run(torch.stack([x for x, _ in items]), [j for _, j in items])
+        A batch is all explanations or all steps of iterative methods (the batcher's two lanes)."""
+
+        def run(items: list[Item]) -> list[Result] | list[float]:
+            jobs = [j for _, j in items]
+            if jobs[0].method.iterative:
+                return engine.step([state for state, _ in items], jobs)
+            return engine.run(torch.stack([x for x, _ in items]), jobs)
 
         return lambda items: isolate_failures(run, items)
 

@@ -93,23 +93,37 @@ class Reference:
         )
 
     # -- the maps, from the definitions --------------------------------------------------------
-    def _rollout(self, weights: list[torch.Tensor]) -> np.ndarray:
+    def _rollout(self, weights: list[torch.Tensor], start_layer: int = 0) -> np.ndarray:
         n = weights[0].shape[0]
         eye = torch.eye(n, dtype=torch.float64)
         r = eye.clone()
-        for w in weights:
+        for w in weights[start_layer:]:
             a = w + eye
             a = a / a.sum(dim=-1, keepdim=True)  # rows sum to 1
-            r = a @ r  # R = Â_l ... Â_1
-        row = r[0, self.prefix :].reshape(self.grid)
-        return (row / row.max() if row.max() > 0 else row).numpy()
+            r = a @ r  # R = Â_l ... Â_s
+        return self._mask(r[0])
 
-    def rollout(self, c: Captured, fusion: str = "max", ratio: float = 0.9) -> np.ndarray:
-        return self._rollout([discard(fuse(a, fusion), ratio) for a in c.attn])
+    def _mask(self, row: torch.Tensor) -> np.ndarray:
+        m = row[self.prefix :].reshape(self.grid)
+        return (m / m.max() if m.max() > 0 else m).numpy()
 
-    def grad_rollout(self, c: Captured, fusion: str = "mean", ratio: float = 0.9) -> np.ndarray:
+    def rollout(self, c: Captured, fusion: str = "max", ratio: float = 0.9, start_layer: int = 0) -> np.ndarray:
+        return self._rollout([discard(fuse(a, fusion), ratio) for a in c.attn], start_layer)
+
+    def grad_rollout(self, c: Captured, fusion: str = "mean", ratio: float = 0.9, start_layer: int = 0) -> np.ndarray:
         assert c.grads is not None
-        return self._rollout([discard(fuse(a * g, fusion).clamp(min=0), ratio) for a, g in zip(c.attn, c.grads)])
+        weights = [discard(fuse(a * g, fusion).clamp(min=0), ratio) for a, g in zip(c.attn, c.grads)]
+        return self._rollout(weights, start_layer)
+
+    def gae(self, c: Captured, start_layer: int = 0) -> np.ndarray:
+        """Chefer et al. 2021: R = I; for each block in order R = R + mean_h(max(dA * A, 0)) R."""
+        assert c.grads is not None
+        n = c.attn[0].shape[-1]
+        r = torch.eye(n, dtype=torch.float64)
+        for a, g in list(zip(c.attn, c.grads))[start_layer:]:
+            abar = (g * a).clamp(min=0).mean(0)
+            r = r + abar @ r
+        return self._mask(r[0])
 
     def attention(self, c: Captured, head) -> np.ndarray:
         maps = []
@@ -122,6 +136,34 @@ class Reference:
     def qk(self, c: Captured, layer: int, head: int, channel: int, which: str) -> np.ndarray:
         t = (c.q if which == "q" else c.k)[layer]
         return torch.sigmoid(t[head, self.prefix :, channel]).reshape(self.grid).numpy()
+
+    def unit(self, x: torch.Tensor, target: str, category_id: int = 0, layer: int = 0, head: int = 0,
+             channel: int = 0) -> tuple[float, torch.Tensor]:
+        """Activation maximization's objective for x (3, H, W) *pixels* in [0, 1], and its gradient
+        w.r.t. those pixels, in float64: the class logit, a block output's channel averaged over the
+        patch tokens, or one head's q or k channel averaged over the patch tokens."""
+        cfg = self.model.pretrained_cfg
+        mean = torch.tensor(cfg["mean"], dtype=torch.float64)[:, None, None]
+        std = torch.tensor(cfg["std"], dtype=torch.float64)[:, None, None]
+        px = x.double().clone().requires_grad_(True)
+        out = {}
+        hook = self.model.blocks[layer].register_forward_hook(lambda m, i, o: out.setdefault("features", o))
+        try:
+            for store in (self._attn, self._q, self._k):
+                store.clear()
+            with torch.enable_grad():
+                logits = self.model(((px - mean) / std)[None])[0]
+                if target == "class":
+                    value = logits[category_id]
+                elif target == "features":
+                    value = out["features"][0, self.prefix :, channel].mean()
+                else:
+                    t = (self._q if target == "q" else self._k)[layer][0]  # (H, N, D)
+                    value = t[head, self.prefix :, channel].mean()
+                (grad,) = torch.autograd.grad(value, px)
+        finally:
+            hook.remove()
+        return float(value), grad
 
     def predictions(self, c: Captured, k: int = 5) -> list[tuple[int, float]]:
         p = torch.softmax(c.logits, -1)

@@ -79,7 +79,7 @@ def test_json_maps_match_reference(client, refs, alias):
     img = smooth_image(100)
     c = r.run(_ref_input(r, img))
     body = post(client, "/rollout", img, model=alias, format="json").json()
-    assert body["method"] == "rollout" and body["params"] == {"head_fusion": "max", "discard_ratio": 0.9}
+    assert body["method"] == "rollout" and body["params"] == {"head_fusion": "max", "discard_ratio": 0.9, "start_layer": 0}
     assert body["grid"] == list(r.grid) and body["model"] == alias
     np.testing.assert_allclose(body["mask"], r.rollout(c, "max", 0.9), atol=3e-3)
     assert [p["class_id"] for p in body["predictions"]] == [i for i, _ in r.predictions(c)]
@@ -96,7 +96,7 @@ def test_json_maps_match_reference(client, refs, alias):
 
     cg = r.run(_ref_input(r, img), category=42)
     body = post(client, "/grad-rollout", img, model=alias, format="json", category_id=42).json()
-    assert body["params"] == {"category_id": 42, "head_fusion": "mean", "discard_ratio": 0.9}
+    assert body["params"] == {"category_id": 42, "head_fusion": "mean", "discard_ratio": 0.9, "start_layer": 0}
     np.testing.assert_allclose(body["mask"], r.grad_rollout(cg, "mean", 0.9), atol=5e-3)
 
 
@@ -105,8 +105,9 @@ def test_concurrent_requests_with_mixed_parameters_each_get_their_own_answer(cli
     cases = []
     for i in range(16):
         img = smooth_image(200 + i)
-        if i % 3 == 0:
-            cases.append((img, "/rollout", dict(head_fusion=["mean", "max", "min"][i % 3], discard_ratio=[0.0, 0.5, 0.9][i % 3])))
+        if i % 3 == 0:  # i = 0, 3, 6, 9, 12, 15: every fusion, and each with two ratios
+            k = i // 3
+            cases.append((img, "/rollout", dict(head_fusion=["mean", "max", "min"][k % 3], discard_ratio=[0.0, 0.5, 0.9][(k + k // 3) % 3])))
         elif i % 3 == 1:
             cases.append((img, "/grad-rollout", dict(category_id=i * 37, head_fusion="max", discard_ratio=0.0)))
         else:
@@ -117,6 +118,8 @@ def test_concurrent_requests_with_mixed_parameters_each_get_their_own_answer(cli
         with httpx.Client(base_url=str(client.base_url), timeout=120) as c:
             return post(c, path, img, model="deit", format="json", **fields)
 
+    rollouts = {(f["head_fusion"], f["discard_ratio"]) for _, path, f in cases if path == "/rollout"}
+    assert len(rollouts) == 6, rollouts  # the rollout requests really mix their parameters
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(call, cases))
     for (img, path, fields), resp in zip(cases, answers):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from demo import evaluate as ev
-from service.engine.jobs import GradRollout, Rollout
+from service.methods import job
 
 N = 48
 # make eval measured 0.76-0.81 accuracy, 0.98 rollout pointing and 0.725 gradient-rollout pointing
@@ -30,7 +30,7 @@ def setup():
 def test_accuracy_and_pointing_floors(setup):
     engine, _, singles, pairs = setup
     truth = [s.objects[0][0] for s in singles]
-    res = ev.run_jobs(engine, [s.x for s in singles], [Rollout()] * N)
+    res = ev.run_jobs(engine, [s.x for s in singles], [job("rollout")] * N)
     accuracy = np.mean([r.predictions[0].class_id == t for r, t in zip(res, truth)])
     rollout_pointing = np.mean([ev.hit(r.maps, s.objects[0][1]) for r, s in zip(res, singles)])
     rng = np.random.default_rng(0)
@@ -38,7 +38,7 @@ def test_accuracy_and_pointing_floors(setup):
 
     xs = [s.x for s in pairs for _ in s.objects]
     covers = [cov for s in pairs for _, cov in s.objects]
-    grad = ev.run_jobs(engine, xs, [GradRollout(c) for s in pairs for c, _ in s.objects])
+    grad = ev.run_jobs(engine, xs, [job("grad-rollout", category_id=c) for s in pairs for c, _ in s.objects])
     grad_pointing = np.mean([ev.hit(r.maps, cov) for r, cov in zip(grad, covers)])
 
     assert accuracy >= ACCURACY_FLOOR, accuracy

@@ -9,15 +9,40 @@ import pytest
 import timm
 import torch
 
-from service.engine import methods
 from service.engine import capture as capture_module
+from service.engine import ops as methods
 from service.engine.capture import UnsupportedModel
-from service.engine.jobs import QK, GradRollout, LayerAttention, Predict, Rollout
 from service.engine.runner import Engine
+from service.methods import job
 from tests import reference as ref
 from tests.conftest import ARCHS, smooth_image
 
 RATIOS = [0.0, 0.5, 0.9]
+
+
+def Rollout(head_fusion="max", discard_ratio=0.9, start_layer=0):
+    return job("rollout", head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
+
+
+def GradRollout(category_id, head_fusion="mean", discard_ratio=0.9, start_layer=0):
+    return job("grad-rollout", category_id=category_id, head_fusion=head_fusion, discard_ratio=discard_ratio,
+               start_layer=start_layer)
+
+
+def GAE(category_id, start_layer=0):
+    return job("gae", category_id=category_id, start_layer=start_layer)
+
+
+def LayerAttention(head=0):
+    return job("attention", head=head)
+
+
+def QK(layer, head, channel, which="q"):
+    return job("qk", layer=layer, head=head, channel=channel, which=which)
+
+
+def Predict():
+    return job("predict")
 FUSIONS = ["mean", "max", "min"]
 
 
@@ -104,10 +129,10 @@ def test_rollout_matches_reference(setups, arch, fusion):
     engine, r, x = setups[arch]
     jobs = [Rollout(fusion, ratio) for ratio in RATIOS]
     results = engine.run(x, jobs)
-    for i, (job, res) in enumerate(zip(jobs, results)):
-        want = r.rollout(r.run(x[i]), fusion, job.discard_ratio)
+    for i, (j, res) in enumerate(zip(jobs, results)):
+        want = r.rollout(r.run(x[i]), fusion, j.params.discard_ratio)
         assert res.maps.shape == r.grid
-        np.testing.assert_allclose(res.maps, want, atol=tol(job.discard_ratio), rtol=0)
+        np.testing.assert_allclose(res.maps, want, atol=tol(j.params.discard_ratio), rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -117,9 +142,9 @@ def test_grad_rollout_matches_reference(setups, arch):
     captured = [r.run(x[i], category=c) for i, c in enumerate(cats)]
     for fusion in FUSIONS:
         jobs = [GradRollout(c, fusion, ratio) for c, ratio in zip(cats, RATIOS)]
-        for i, (job, res) in enumerate(zip(jobs, engine.run(x, jobs))):
-            want = r.grad_rollout(captured[i], fusion, job.discard_ratio)
-            np.testing.assert_allclose(res.maps, want, atol=tol(job.discard_ratio, grad=True), rtol=0)
+        for i, (j, res) in enumerate(zip(jobs, engine.run(x, jobs))):
+            want = r.grad_rollout(captured[i], fusion, j.params.discard_ratio)
+            np.testing.assert_allclose(res.maps, want, atol=tol(j.params.discard_ratio, grad=True), rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -133,8 +158,9 @@ def test_layer_attention_qk_and_predictions_match_reference(setups, arch):
         np.testing.assert_allclose(res.maps, r.attention(c0, h), atol=1e-4, rtol=0)
     last = engine.num_layers - 1
     qks = [QK(0, 0, 0, "q"), QK(last, 2, 63, "k"), QK(5, 1, 26, "q"), QK(last, 0, 59, "k")]
-    for job, res in zip(qks, engine.run(x[[1] * len(qks)], qks)):
-        np.testing.assert_allclose(res.maps, r.qk(r.run(x[1]), job.layer, job.head, job.channel, job.which), atol=1e-4)
+    for j, res in zip(qks, engine.run(x[[1] * len(qks)], qks)):
+        p = j.params
+        np.testing.assert_allclose(res.maps, r.qk(r.run(x[1]), p.layer, p.head, p.channel, p.which), atol=1e-4)
     (res,) = engine.run(x[2:3], [Predict()])
     want = r.predictions(r.run(x[2]))
     assert [p.class_id for p in res.predictions] == [c for c, _ in want]
@@ -159,8 +185,8 @@ def test_batch_never_changes_an_items_answer(setups, models, arch):
     engine, _, _ = setups[arch]
     x = torch.stack([ref.preprocess(smooth_image(10 + i), models[arch]) for i in range(len(MIXED))])
     together = engine.run(x, MIXED)
-    for i, job in enumerate(MIXED):
-        _same(together[i], engine.run(x[i : i + 1], [job])[0])
+    for i, j in enumerate(MIXED):
+        _same(together[i], engine.run(x[i : i + 1], [j])[0])
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 64])
@@ -221,14 +247,14 @@ def test_a_hybrid_vit_warms_up_and_matches_the_reference():
     m = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, depth=3).eval()
     engine = Engine(copy.deepcopy(m), torch.device("cpu"))
     assert engine.input_size == (224, 224) and engine.grid == (7, 7)
-    engine.warmup()
+    engine.warmup([Rollout(), GradRollout(0)])
     x = torch.stack([ref.preprocess(smooth_image(40 + i), m) for i in range(2)])
     r = ref.Reference(m)
     cases = [
         (Rollout("mean", 0.0), lambda i: r.rollout(r.run(x[i]), "mean", 0.0), tol(0.0)),
         (GradRollout(3, "mean", 0.0), lambda i: r.grad_rollout(r.run(x[i], 3), "mean", 0.0), tol(0.0, grad=True)),
     ]
-    for job, want, atol in cases:
-        got = engine.run(x, [job, job])
+    for j, want, atol in cases:
+        got = engine.run(x, [j, j])
         for i in range(2):
             np.testing.assert_allclose(got[i].maps, want(i), atol=atol, rtol=0)

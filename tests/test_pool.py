@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.jobs import GradRollout, Rollout
+from service.methods import job
 from service.models import ModelSpec
 from service.pool import ModelPool, ModelNotReady, UnknownModel, isolate_failures, resolve_devices
 from tests import reference as ref
@@ -71,7 +71,7 @@ def test_replicas_share_one_queue_and_agree(model_dirs, models):
         m = pool.get(None)
         assert len(m.engines) == 2 and m.engines[0].model is not m.engines[1].model
         x = m.preprocess(smooth_image(5))
-        jobs = [Rollout(), GradRollout(3)] * 4
+        jobs = [job("rollout"), job("grad-rollout", category_id=3)] * 4
         out = await asyncio.gather(*(m.batcher.submit((x, j)) for j in jobs))
         await pool.close()
         return out

@@ -1,4 +1,4 @@
-"""What routes need from the app: settings, model pool, metrics; and the client-error type."""
+"""What routes need from the app: settings, model pool, metrics."""
 
 from __future__ import annotations
 
@@ -7,16 +7,9 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from service.config import Settings
+from service.methods.base import InvalidParams  # noqa: F401  (re-exported: the 422 of model-dependent ranges)
 from service.metrics import Metrics
 from service.pool import ModelPool
-
-
-class InvalidParams(ValueError):
-    """A parameter out of range for the chosen model (422), e.g. a class id past the last class."""
-
-    def __init__(self, field: str, msg: str) -> None:
-        super().__init__(f"{field}: {msg}")
-        self.field = field
 
 
 @dataclass

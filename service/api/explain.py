@@ -1,100 +1,43 @@
-"""The explanation endpoints: thin routes over parse -> decode -> queue -> engine -> encode.
+"""The explanation endpoints: one route per registered method (service/methods/), thin stages
 
-Each endpoint is described once by a Method: its parameters, the engine job they ask for, how a
-result becomes JSON and how it is drawn as a PNG. `explain` runs the shared stages.
+    parse -> check against the model -> decode -> queue -> engine -> encode
+
+for the one-pass methods (`explain`), and for the iterative ones (activation maximization,
+`maximize`) a loop of background steps that answers at the end, or as server-sent events.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
+import torch
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from PIL import Image
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from schemas import requests as rq
 from schemas import responses as rs
 from service import imaging
-from service.api.deps import Ctx, InvalidParams, get_ctx
+from service.api.deps import Ctx, get_ctx
 from service.api.parsing import read_request
-from service.engine.jobs import QK, GradRollout, Job, LayerAttention, Predict, Result, Rollout
+from service.batching import QueueFull
+from service.engine.jobs import Job, Result
+from service.methods import REGISTRY, Method
 from service.pool import ServedModel
 
 router = APIRouter(tags=["explain"])
+
+MEDIA = {"png": "image/png", "apng": "image/png", "gif": "image/gif", "json": "application/json"}
 
 
 class ClientGone(Exception):
     """The caller disconnected before its answer was ready; its work was dropped."""
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    params: type[rq._Params]
-    job: Callable[[Any], Job]
-    to_json: Callable[[ServedModel, dict, Result], dict]
-    draw: Callable[[Image.Image, Result], np.ndarray] | None  # None: JSON only
-
-
-def _predictions(served: ServedModel, result: Result) -> list[dict]:
-    return [{"class_id": p.class_id, "label": served.labels[p.class_id], "score": p.score} for p in result.predictions]
-
-
-def _mask_json(method: str):
-    def to_json(served: ServedModel, params: dict, r: Result) -> dict:
-        return {"model": served.name, "method": method, "params": params, "grid": served.engine.grid,
-                "mask": r.maps.tolist(), "predictions": _predictions(served, r)}
-
-    return to_json
-
-
-ROLLOUT = Method(
-    "rollout", rq.RolloutParams,
-    lambda p: Rollout(head_fusion=p.head_fusion, discard_ratio=p.discard_ratio),
-    _mask_json("rollout"), lambda img, r: imaging.overlay(img, r.maps),
-)
-GRAD_ROLLOUT = Method(
-    "grad-rollout", rq.GradRolloutParams,
-    lambda p: GradRollout(category_id=p.category_id, head_fusion=p.head_fusion, discard_ratio=p.discard_ratio),
-    _mask_json("grad-rollout"), lambda img, r: imaging.overlay(img, r.maps),
-)
-ATTENTION = Method(
-    "attention", rq.AttentionParams, lambda p: LayerAttention(head=p.head),
-    lambda s, params, r: {"model": s.name, "params": params, "grid": s.engine.grid, "layers": r.maps.tolist()},
-    lambda img, r: imaging.montage(img, r.maps),
-)
-QK_IMAGE = Method(
-    "qk", rq.QKParams, lambda p: QK(layer=p.layer, head=p.head, channel=p.channel, which=p.which),
-    lambda s, params, r: {"model": s.name, "params": params, "grid": s.engine.grid, "map": r.maps.tolist()},
-    lambda img, r: imaging.grayscale(r.maps, img.size),
-)
-PREDICT = Method(
-    "predict", rq.PredictParams, lambda p: Predict(),
-    lambda s, params, r: {"model": s.name, "predictions": _predictions(s, r)}, None,
-)
-
-
 # -- stages -----------------------------------------------------------------------------------
-def _check(job: Job, served: ServedModel) -> None:
-    """Model-dependent ranges; the schemas have checked the rest."""
-    e = served.engine
-    if isinstance(job, GradRollout) and job.category_id >= len(served.labels):
-        raise InvalidParams("category_id", f"must be < {len(served.labels)} (model {served.name!r} has {len(served.labels)} classes)")
-    if isinstance(job, (LayerAttention, QK)) and isinstance(job.head, int) and job.head >= e.num_heads:
-        raise InvalidParams("head", f"must be < {e.num_heads} (model {served.name!r} has {e.num_heads} heads)")
-    if isinstance(job, QK):
-        if job.layer >= e.num_layers:
-            raise InvalidParams("layer", f"must be < {e.num_layers} (model {served.name!r} has {e.num_layers} blocks)")
-        if job.channel >= e.head_dim:
-            raise InvalidParams("channel", f"must be < {e.head_dim} (the head dimension of model {served.name!r})")
-
-
 def _decode_all(ctx: Ctx, served: ServedModel, blobs: list[bytes]):
     """Bytes -> [(RGB image at its own size, preprocessed tensor)]; errors name the image."""
     out = []
@@ -114,40 +57,56 @@ async def _until_disconnect(request: Request) -> None:
         await asyncio.sleep(0.2)
 
 
+async def _unless_gone(request: Request, work: asyncio.Future) -> Any:
+    """The result of `work`, or ClientGone (and `work` cancelled) when the client disconnects first."""
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise ClientGone("the client disconnected")
+        return work.result()
+    finally:
+        work.cancel()  # a cancelled submit drops its item from the queue before it is computed
+        watcher.cancel()
+
+
 async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, blobs: list[bytes]):
     with served.batcher.arriving(len(blobs)):  # a free worker waits for these rather than start without them
         decoded = await run_in_threadpool(_decode_all, ctx, served, blobs)
         submits = [asyncio.ensure_future(served.batcher.submit((x, job))) for _, x in decoded]
-    watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
-        work = asyncio.gather(*submits)
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            raise ClientGone("the client disconnected")
-        return [img for img, _ in decoded], work.result()
+        results = await _unless_gone(request, asyncio.gather(*submits))
     finally:
-        for t in (*submits, watcher):
-            t.cancel()  # a cancelled submit drops its image from the queue before it is computed
+        for t in submits:
+            t.cancel()
+    return [img for img, _ in decoded], results
+
+
+def _accepted(method: Method, ctx: Ctx, params: BaseModel) -> ServedModel:
+    """The model the request names, once the parameters are checked against it (404, 503, 422)."""
+    served = ctx.pool.get(params.model)
+    method.check(params, served.shape)
+    return served
 
 
 async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
-    params, blobs = await read_request(request, method.params, ctx.settings.max_images)
-    served = ctx.pool.get(params.model)
-    job = method.job(params)
-    _check(job, served)
+    params, blobs = await read_request(request, method.Params, ctx.settings.max_images)
+    served = _accepted(method, ctx, params)
+    shape = served.shape
     async with asyncio.timeout(ctx.settings.request_timeout_s):
-        images, results = await _compute(ctx, request, served, job, blobs)
-    echo = params.model_dump(exclude={"model", "format"})
+        images, results = await _compute(ctx, request, served, method.job(params), blobs)
     if len(results) > 1:
-        return JSONResponse({"model": served.name, "results": [method.to_json(served, echo, r) for r in results]})
+        return JSONResponse({"model": served.name, "results": [method.to_json(params, r, shape) for r in results]})
     (img,), (result,) = images, results
-    if method.draw is None or getattr(params, "format", "json") == "json":
-        return JSONResponse(method.to_json(served, echo, result))
-    body = await run_in_threadpool(lambda: imaging.encode_png(method.draw(img, result)))
-    return Response(body, media_type="image/png", headers=_prediction_headers(served, result))
+    if getattr(params, "format", "json") == "json":
+        return JSONResponse(method.to_json(params, result, shape))
+    body, media = await run_in_threadpool(method.render, params, img, result, shape)
+    return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
 
 def _prediction_headers(served: ServedModel, result: Result) -> dict[str, str]:
+    if not result.predictions:
+        return {"X-Model": served.name}
     top = result.predictions[0]
     return {
         "X-Model": served.name,
@@ -155,6 +114,67 @@ def _prediction_headers(served: ServedModel, result: Result) -> dict[str, str]:
         "X-Predicted-Label": served.labels[top.class_id].encode("ascii", "replace").decode(),
         "X-Predicted-Score": f"{top.score:.6f}",
     }
+
+
+# -- iterative methods ------------------------------------------------------------------------
+async def maximize(request: Request, ctx: Ctx, method: Method) -> Response:
+    """Activation maximization: `steps` background steps, batched with the other sessions of the model.
+
+    With `Accept: text/event-stream` the answer streams `progress` events ({"step", "objective"})
+    as the steps run, then one `result` event (the JSON answer) or one `error` event ({"detail"}).
+    """
+    params, blobs = await read_request(request, method.Params, max_images=1, image_required=False)
+    served = _accepted(method, ctx, params)
+    shape = served.shape
+    if served.batcher.sessions >= ctx.settings.max_maximizations:
+        raise QueueFull(f"model {served.name!r} runs {served.batcher.sessions} activation maximizations; try again shortly")
+    start = None
+    if blobs:
+        [(_, x)] = await run_in_threadpool(_decode_all, ctx, served, blobs)
+        mean, std = (torch.tensor(v)[:, None, None] for v in (shape.mean, shape.std))
+        start = (x * std + mean).clamp(0.0, 1.0)  # back to pixel values in [0, 1], at the input size
+    state, job = method.start(params, start, shape), method.job(params)
+    deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout_s
+
+    async def steps() -> AsyncIterator[tuple[int, float]]:
+        with served.batcher.session():
+            for step in range(params.steps):
+                async with asyncio.timeout_at(deadline):
+                    value = await served.batcher.submit((state, job), background=True)
+                yield step, value
+
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(_events(ctx, method, params, state, steps(), shape), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Model": served.name})
+
+    async def run() -> None:
+        async for _ in steps():
+            pass
+
+    await _unless_gone(request, asyncio.ensure_future(run()))
+    result = method.result(state)
+    if params.format == "json":
+        return JSONResponse(method.to_json(params, result, shape))
+    body, media = await run_in_threadpool(method.render, params, None, result, shape)
+    return Response(body, media_type=media, headers=_prediction_headers(served, result))
+
+
+async def _events(ctx: Ctx, method: Method, params, state, steps: AsyncIterator[tuple[int, float]], shape):
+    """Server-sent events of a maximization. A client that leaves cancels this generator, and with
+    it the step it waits for (Starlette cancels the response when the client disconnects)."""
+    try:
+        async for step, value in steps:
+            yield _sse("progress", {"step": step, "objective": value})
+        answer = await run_in_threadpool(method.to_json, params, method.result(state), shape)
+        yield _sse("result", answer)
+    except TimeoutError:
+        yield _sse("error", {"detail": f"the request took longer than {ctx.settings.request_timeout_s:g} s"})
+    except Exception as e:  # noqa: BLE001 - the status line is sent: report the failure in the stream
+        yield _sse("error", {"detail": str(e) or type(e).__name__})
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, allow_nan=False, default=str)}\n\n"
 
 
 # -- OpenAPI: the bodies are parsed by hand (multipart or JSON), so describe them here ----------
@@ -176,40 +196,48 @@ def _schema(model: type[BaseModel]) -> dict:
     return inline(schema)
 
 
-def _body(params: type[BaseModel], png: bool, response: type[BaseModel]) -> dict:
-    schema = _schema(params)
+def _body(method: Method) -> dict:
+    schema = _schema(method.Params)
     props, required = schema.get("properties", {}), schema.get("required", [])
+    need = ["image", *required] if method.image == "required" else required
     many = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
     b64 = {"anyOf": [{"type": "string", "contentEncoding": "base64"},
                      {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}, "minItems": 1}]}
     content = {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {"image": many, **props}, "required": ["image", *required]}},
-        "application/json": {"schema": {"type": "object", "properties": {"image": b64, **props}, "required": ["image", *required],
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"image": many, **props}, "required": need}},
+        "application/json": {"schema": {"type": "object", "properties": {"image": b64, **props}, "required": need,
                                         "additionalProperties": False}},
     }
-    ok: dict = {"application/json": {"schema": {"anyOf": [_schema(response), _schema(rs.MultiResponse)]}}}
-    if png:
-        ok["image/png"] = {"schema": {"type": "string", "format": "binary"}}
+    ok: dict = {"application/json": {"schema": {"anyOf": [_schema(method.Response), _schema(rs.MultiResponse)]}}}
+    for fmt in method.formats:
+        if fmt != "json":
+            ok[MEDIA[fmt]] = {"schema": {"type": "string", "format": "binary"}}
+    if method.iterative:
+        ok["text/event-stream"] = {"schema": {"type": "string"}}
     return {
         "requestBody": {"required": True, "content": content},
         "responses": {"200": {"description": "the explanation; JSON with one result per image for several images", "content": ok}},
     }
 
 
-def _route(path: str, method: Method, response: type[BaseModel], summary: str) -> None:
+def _route(method: Method) -> None:
+    handler = maximize if method.iterative else explain
+
     async def endpoint(request: Request, ctx: Ctx = Depends(get_ctx)) -> Response:
-        return await explain(request, ctx, method)
+        return await handler(request, ctx, method)
 
     endpoint.__name__ = method.name.replace("-", "_")
     router.add_api_route(
-        path, endpoint, methods=["POST"], summary=summary,
-        openapi_extra=_body(method.params, method.draw is not None, response),
+        method.route, endpoint, methods=["POST"], summary=method.summary, openapi_extra=_body(method),
         responses={code: {"model": rs.Error} for code in (400, 401, 404, 413, 415, 422, 503, 504)},
     )
 
 
-_route("/rollout", ROLLOUT, rs.MaskResponse, "Attention Rollout")
-_route("/grad-rollout", GRAD_ROLLOUT, rs.MaskResponse, "Gradient Attention Rollout for one class")
-_route("/attention", ATTENTION, rs.AttentionResponse, "Class-token attention in every block")
-_route("/qk", QK_IMAGE, rs.QKResponse, "Q or K feature image of one channel")
-_route("/predict", PREDICT, rs.PredictResponse, "Top-5 classes")
+for _method in REGISTRY.values():
+    _route(_method)
+
+
+@router.get("/methods", response_model=list[rs.MethodInfo], tags=["service"],
+            summary="Every explanation method: its endpoint, parameters with defaults and ranges, formats")
+async def list_methods() -> list[rs.MethodInfo]:
+    return [m.info() for m in REGISTRY.values()]

@@ -29,7 +29,9 @@ class ClientError(ValueError):
         self.status = status
 
 
-async def read_request(request: Request, params_cls: type[P], max_images: int) -> tuple[P, list[bytes]]:
+async def read_request(
+    request: Request, params_cls: type[P], max_images: int, image_required: bool = True
+) -> tuple[P, list[bytes]]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         fields, images = await _multipart(request, max_images)
@@ -37,7 +39,7 @@ async def read_request(request: Request, params_cls: type[P], max_images: int) -
         fields, images = await _json(request)
     else:
         raise ClientError(415, f"send multipart/form-data or application/json, not {ctype or 'no content type'!r}")
-    if not images:
+    if not images and image_required:
         raise RequestValidationError([{"type": "missing", "loc": ("body", "image"), "msg": "Field required", "input": None}])
     if len(images) > max_images:
         raise ClientError(422, f"{len(images)} images in one request; the limit is {max_images}")

@@ -21,6 +21,8 @@ Two ways to receive the attention:
            takes as they are, where a batch of them would first be copied, and its attention
            (DeiT-Tiny: 466 KB) stays in L2. On an accelerator a chunk is the whole batch.
 
+Block outputs (B, N, C) are hooked too, for activation maximization of a feature channel.
+
 Hooks are registered once, when a model is loaded; the capture state lives in a ContextVar and
 the function mode on the calling thread only, never on the shared modules, so concurrent
 batches on different threads cannot race.
@@ -61,9 +63,11 @@ class Capture:
 
     attn_layers: frozenset[int] = frozenset()
     qk_layers: frozenset[int] = frozenset()
+    feature_layers: frozenset[int] = frozenset()
     attn: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, N) post-softmax
     q: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after q_norm
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after k_norm
+    features: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, N, C) the block's output
     block: int | None = None  # the block whose attention runs next
     take: Take | None = None
 
@@ -122,14 +126,17 @@ def _rows_of(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def capture(
-    attn_layers: frozenset[int] = frozenset(), qk_layers: frozenset[int] = frozenset(), take: Take | None = None
+    attn_layers: frozenset[int] = frozenset(),
+    qk_layers: frozenset[int] = frozenset(),
+    take: Take | None = None,
+    feature_layers: frozenset[int] = frozenset(),
 ) -> Iterator[Capture]:
     """Within this block, forward passes of hooked models on this thread record into the Capture.
 
     With `take`, the attention of `attn_layers` goes to it in chunks and is not kept; use it only
     where no gradient flows through the attention.
     """
-    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers, take=take)
+    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers, feature_layers=feature_layers, take=take)
     token = _ACTIVE.set(store)
     try:
         if attn_layers:
@@ -169,7 +176,17 @@ def install_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
     handles = []
     for i, attn in enumerate(attention_modules(model)):
         handles += _hook_block(i, attn)
+        handles.append(model.blocks[i].register_forward_hook(_on_block_output(i)))
     return handles
+
+
+def _on_block_output(i: int):
+    def hook(_mod, _inp, out: torch.Tensor) -> None:
+        store = _ACTIVE.get()
+        if store is not None and i in store.feature_layers:
+            store.features[i] = out
+
+    return hook
 
 
 def _hook_block(i: int, attn: Attention) -> list[torch.utils.hooks.RemovableHandle]:

@@ -1,51 +1,29 @@
 """What one image in a batch asks the engine for, and what it gets back.
 
-These are the engine's own types, independent of HTTP: the routes translate validated request
-schemas into jobs, the engine answers with results, the routes encode results.
+A job is a method (service/methods/) and its validated parameters. The engine knows methods only
+through what they declare (`needs`, `compute`), so it never changes when a method is added.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.engine.methods import Fusion
+if TYPE_CHECKING:
+    from service.methods.base import Method
 
 
 @dataclass(frozen=True)
-class Rollout:
-    head_fusion: Fusion = "max"
-    discard_ratio: float = 0.9
+class Job:
+    method: "Method"
+    params: Any  # the method's frozen Params
 
-
-@dataclass(frozen=True)
-class GradRollout:
-    category_id: int
-    head_fusion: Fusion = "mean"
-    discard_ratio: float = 0.9
-
-
-@dataclass(frozen=True)
-class LayerAttention:
-    head: int | Fusion = 0
-
-
-@dataclass(frozen=True)
-class QK:
-    layer: int
-    head: int
-    channel: int
-    which: Literal["q", "k"] = "q"
-
-
-@dataclass(frozen=True)
-class Predict:
-    pass
-
-
-Job = Union[Rollout, GradRollout, LayerAttention, QK, Predict]
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys are computed together, in one call of the method's `compute`."""
+        return (self.method.name, self.method.group_key(self.params))
 
 
 @dataclass(frozen=True)
@@ -56,7 +34,9 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Result:
-    """maps: (gh, gw) for rollout, grad rollout and qk; (L, gh, gw) for layer attention; None for predict."""
+    """maps: what the method computed for this image (None for predict); the model's top classes;
+    for iterative methods, the objective at every step."""
 
     maps: np.ndarray | None
     predictions: list[Prediction]
+    objective: list[float] | None = None

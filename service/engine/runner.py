@@ -1,8 +1,14 @@
 """Run one batch of jobs through one resident model: one forward pass, then each job's method.
 
-The batch is split at most once: jobs that need gradients (gradient rollout) run in one pass
-with autograd, all others in one pass under `torch.inference_mode`. Within a pass, every image
-gets its own method and parameters; nothing about an image depends on its batch neighbours.
+The engine knows methods only by what their jobs declare (`Needs`, service/methods/base.py):
+
+    plain pass     under torch.inference_mode: attention reduced as it is made, q/k, block outputs
+    autograd pass  every block's whole attention and its gradient w.r.t. each image's class logit
+    ascent step    activation maximization: the gradient of each image's objective w.r.t. its pixels
+
+The batch is split at most once, between the plain and the autograd pass. Within a pass every
+image gets its own method and parameters, and jobs with equal parameters are computed together;
+nothing about an image depends on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+import timm
 import torch
 from torch import nn
 
-from service.engine import methods
+from service import models
 from service.engine.capture import attention_modules, capture, install_hooks
-from service.engine.jobs import QK, GradRollout, Job, LayerAttention, Prediction, Result, Rollout
+from service.engine.jobs import Job, Prediction, Result
+from service.methods import job
+from service.methods.base import Captured, ModelShape, Needs, Reduction
 
 TOP_K = 5
 
@@ -23,7 +32,7 @@ TOP_K = 5
 class Engine:
     """A model resident on one device, hooked for capture once, answering batches of jobs."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32, name: str = "model") -> None:
         self.device = device
         self.dtype = dtype
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -39,6 +48,12 @@ class Engine:
         if img_size is None:  # dynamic-size embeddings record none; their patches tile the input
             img_size = [g * p for g, p in zip(self.grid, self.model.patch_embed.patch_size)]
         self.input_size = tuple(int(s) for s in img_size)
+        cfg = timm.data.resolve_model_data_config(self.model)
+        self.shape = ModelShape(
+            name=name, grid=self.grid, prefix=self.prefix, layers=self.num_layers, heads=self.num_heads,
+            head_dim=self.head_dim, embed_dim=int(self.model.embed_dim), input_size=self.input_size,
+            labels=tuple(models.class_labels(self.model)), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+        )
         self._hooks = install_hooks(self.model)
 
     # -- public -----------------------------------------------------------------------------
@@ -46,23 +61,66 @@ class Engine:
         """images (B, 3, H, W) float32, preprocessed, on any device; jobs[i] is image i's request."""
         if images.shape[0] != len(jobs):
             raise ValueError(f"{images.shape[0]} images for {len(jobs)} jobs")
+        needs = [j.method.needs(j.params, self.shape) for j in jobs]
         results: list[Result | None] = [None] * len(jobs)
-        grad_idx = [i for i, j in enumerate(jobs) if isinstance(j, GradRollout)]
-        plain_idx = [i for i, j in enumerate(jobs) if not isinstance(j, GradRollout)]
+        grad_idx = [i for i, n in enumerate(needs) if n.grad]
+        plain_idx = [i for i, n in enumerate(needs) if not n.grad]
         for idx, runner in ((plain_idx, self._run_plain), (grad_idx, self._run_grad)):
             if idx:
                 x = self._to_device(images[idx] if len(idx) < len(jobs) else images)
-                for i, r in zip(idx, runner(x, [jobs[i] for i in idx])):
+                for i, r in zip(idx, runner(x, [jobs[i] for i in idx], [needs[i] for i in idx])):
                     results[i] = r
         return results  # type: ignore[return-value]
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run every method once so the first real request does not pay for lazy initialisation."""
+    def warmup(self, jobs: Sequence[Job] | None = None, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run these jobs (default: both passes, rollout and gradient rollout) once, so that the first
+        real request does not pay for lazy initialisation."""
         h, w = self.input_size
+        jobs = jobs or [job("rollout"), job("grad-rollout", category_id=0)]
         for b in batch_sizes:
             x = torch.zeros(b, 3, h, w)
-            self.run(x, [Rollout()] * b)
-            self.run(x, [GradRollout(category_id=0)] * b)
+            for j in jobs:
+                self.run(x, [j] * b)
+
+    def ascend(self, pixels: torch.Tensor, jobs: Sequence[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of activation maximization for a batch: pixels (B, 3, H, W) in [0, 1], as each job's
+        method shifts them, -> (each image's objective (B,), its gradient w.r.t. the pixels (B, 3, H, W)).
+
+        The objective and the regularisers are the methods' (`objective`); the weights never require grad.
+        """
+        needs = [j.method.needs(j.params, self.shape) for j in jobs]
+        x = self._to_device(pixels).detach().requires_grad_(True)
+        mean = torch.tensor(self.shape.mean, device=x.device, dtype=x.dtype)[:, None, None]
+        std = torch.tensor(self.shape.std, device=x.device, dtype=x.dtype)[:, None, None]
+        qk = frozenset().union(*(n.qk for n in needs))
+        features = frozenset().union(*(n.features for n in needs))
+        with torch.enable_grad(), capture(qk_layers=qk, feature_layers=features) as store:
+            logits = self.model((x - mean) / std)
+            value = torch.zeros(len(jobs), device=x.device)
+            loss = torch.zeros(len(jobs), device=x.device)
+            for idx in _group(jobs).values():
+                first = jobs[idx[0]]
+                n = needs[idx[0]]
+                c = _captured(logits, idx, len(jobs), q=_pick(store.q, n.qk), k=_pick(store.k, n.qk),
+                              features=_pick(store.features, n.features))
+                v, reg = first.method.objective(first.params, c, x[idx], self.shape)
+                value[idx] = v.float()
+                loss[idx] = (v - reg).float()
+            (grad,) = torch.autograd.grad(loss.sum(), x)  # images are independent: sum of their own losses
+        return value.detach(), grad.detach()
+
+    def step(self, states: Sequence, jobs: Sequence[Job]) -> list[float]:
+        """One ascent step for each state of an iterative method (activation maximization), in place.
+
+        Each job's method shifts its image (`shifted`), this batch runs `ascend`, and each method
+        updates its own state with its own gradient (`update`). -> each image's objective.
+        """
+        pixels = torch.stack([j.method.shifted(j.params, s) for j, s in zip(jobs, states)])
+        value, grad = self.ascend(pixels, jobs)
+        grad, value = grad.float().cpu(), value.cpu().tolist()
+        for i, (j, s) in enumerate(zip(jobs, states)):
+            j.method.update(j.params, s, grad[i], value[i])
+        return value
 
     # -- passes -----------------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,111 +128,128 @@ class Engine:
             x = x.pin_memory().to(self.device, non_blocking=True)
         return x.to(device=self.device, dtype=self.dtype)
 
-    def _run_plain(self, x: torch.Tensor, jobs: Sequence[Job]) -> list[Result]:
-        every = frozenset(range(self.num_layers))
-        attn_layers = every if any(isinstance(j, (Rollout, LayerAttention)) for j in jobs) else frozenset()
-        qk_layers = frozenset(j.layer for j in jobs if isinstance(j, QK))
-        reduced = _Reduced(jobs)
-        with torch.inference_mode(), capture(attn_layers, qk_layers, take=reduced) as store:
+    def _run_plain(self, x: torch.Tensor, jobs: Sequence[Job], needs: Sequence[Needs]) -> list[Result]:
+        reduced = _Reduced(needs)
+        attn_layers = frozenset().union(*(n.layers for n in needs if n.reduce is not None))
+        qk = frozenset().union(*(n.qk for n in needs))
+        features = frozenset().union(*(n.features for n in needs))
+        with torch.inference_mode(), capture(attn_layers, qk, take=reduced, feature_layers=features) as store:
             logits = self.model(x)
-            maps = [None] * len(jobs)
-            for params, idx in _group(jobs, (Rollout, LayerAttention)).items():
-                if isinstance(params, Rollout):
-                    fused = reduced.blocks(reduced.fused, idx)  # per block (b, N, N)
-                    m = methods.rollout(fused, params.discard_ratio, self.prefix, self.grid)
-                else:
-                    cls_rows = reduced.blocks(reduced.cls_rows, idx)  # per block (b, H, N)
-                    m = methods.class_attention(cls_rows, params.head, self.prefix, self.grid)
-                for i, mi in zip(idx, m.cpu().numpy()):
-                    maps[i] = mi
-            for i, job in enumerate(jobs):
-                if isinstance(job, QK):
-                    t = (store.q if job.which == "q" else store.k)[job.layer][i : i + 1].float()
-                    maps[i] = methods.qk_image(t, job.head, job.channel, self.prefix, self.grid)[0].cpu().numpy()
+            maps: list = [None] * len(jobs)
+            for idx in _group(jobs).values():
+                first = jobs[idx[0]]
+                n = needs[idx[0]]  # equal parameters, equal needs
+                c = _captured(logits, idx, len(jobs), reduced=reduced.of(n), q=_pick(store.q, n.qk),
+                              k=_pick(store.k, n.qk), features=_pick(store.features, n.features))
+                _store(maps, idx, first.method.compute(first.params, c, self.shape))
             preds = _top_k(logits)
         return [Result(maps=m, predictions=p) for m, p in zip(maps, preds)]
 
-    def _run_grad(self, x: torch.Tensor, jobs: Sequence[GradRollout]) -> list[Result]:
+    def _run_grad(self, x: torch.Tensor, jobs: Sequence[Job], needs: Sequence[Needs]) -> list[Result]:
         layers = range(self.num_layers)
         # The image requires grad only so that autograd records a graph: the weights never do,
         # and torch.autograd.grad below walks back only as far as the attention tensors.
         x = x.detach().requires_grad_(True)
         with torch.enable_grad(), capture(attn_layers=frozenset(layers)) as store:
             logits = self.model(x)
-            cats = torch.tensor([j.category_id for j in jobs], device=logits.device)
+            cats = torch.tensor([j.params.category_id for j in jobs], device=logits.device)
             target = logits.gather(1, cats[:, None]).sum()  # images are independent: sum of own logits
             attn = [store.attn[l] for l in layers]
             grads = torch.autograd.grad(target, attn)  # per block dy/dA (B, H, N, N)
         with torch.no_grad():
             attn = [a.detach().float() for a in attn]
             grads = [g.float() for g in grads]
-            maps = [None] * len(jobs)
-            for params, idx in _group(jobs, (GradRollout,), ignore=("category_id",)).items():
-                m = methods.grad_rollout(
-                    _rows(attn, idx, len(jobs)), _rows(grads, idx, len(jobs)),
-                    params.head_fusion, params.discard_ratio, self.prefix, self.grid,
-                )
-                for i, mi in zip(idx, m.cpu().numpy()):
-                    maps[i] = mi
-            preds = _top_k(logits.detach())
+            logits = logits.detach()
+            maps: list = [None] * len(jobs)
+            for idx in _group(jobs).values():
+                first = jobs[idx[0]]
+                c = _captured(logits, idx, len(jobs), attn=attn, grads=grads)
+                _store(maps, idx, first.method.compute(first.params, c, self.shape))
+            preds = _top_k(logits)
         return [Result(maps=m, predictions=p) for m, p in zip(maps, preds)]
 
 
 class _Reduced:
     """What the plain pass keeps of each block's attention, reduced as it is made (capture's `take`).
 
-    Per block, for the rows of rollout jobs, the heads fused as each job asks, F_l (B, N, N); for
-    the rows of layer-attention jobs, the class token's row A_l[:, :, 0, :] (B, H, N). Rows of other
-    jobs are left unset and never read. Runs of equal jobs in a chunk are reduced together.
+    Each image's job names its Reduction (e.g. heads fused by max, or the class token's row) and
+    the blocks it needs. Per kind of reduction and block, one (B, ...) buffer holds the rows of the
+    images that asked for it; other rows are left unset and never read. Runs of consecutive images
+    with the same reduction in a chunk are reduced together.
     """
 
-    def __init__(self, jobs: Sequence[Job]) -> None:
-        self.jobs = jobs
-        self.fused: dict[int, torch.Tensor] = {}
-        self.cls_rows: dict[int, torch.Tensor] = {}
+    def __init__(self, needs: Sequence[Needs]) -> None:
+        self.needs = needs
+        self.buffers: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
 
     def __call__(self, block: int, rows: slice, attn: torch.Tensor) -> None:
-        for start, stop, job in _runs(self.jobs, rows):
+        for start, stop, reduce in _runs(self.needs, block, rows):
             a = attn[start - rows.start : stop - rows.start].float()  # (b, H, N, N)
-            if isinstance(job, Rollout):  # fused straight into the block's buffer: no temporary
-                methods.fuse_heads(a, job.head_fusion, out=self._buffer(self.fused, block, a[:, 0])[start:stop])
-            elif isinstance(job, LayerAttention):
-                self._buffer(self.cls_rows, block, a[:, :, 0])[start:stop] = a[:, :, 0]
+            reduce(a, out=self._buffer(reduce, block, a)[start:stop])  # straight into the buffer: no temporary
 
-    def _buffer(self, store: dict[int, torch.Tensor], block: int, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, reduce: Reduction, block: int, a: torch.Tensor) -> torch.Tensor:
+        store = self.buffers[reduce.buffer]
         if block not in store:
-            store[block] = like.new_empty(len(self.jobs), *like.shape[1:])
+            _, h, n, _ = a.shape
+            store[block] = a.new_empty(len(self.needs), *reduce.shape(h, n))
         return store[block]
 
-    def blocks(self, store: dict[int, torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
-        """The rows idx of every block's buffer, in block order."""
-        return _rows([store[b] for b in sorted(store)], idx, len(self.jobs))
+    def of(self, needs: Needs) -> dict[int, torch.Tensor]:
+        """block -> the whole-batch buffer of the blocks and the kind of reduction these needs name."""
+        if needs.reduce is None:
+            return {}
+        return _pick(self.buffers.get(needs.reduce.buffer, {}), needs.layers)
 
 
-def _runs(jobs: Sequence[Job], rows: slice) -> list[tuple[int, int, Job]]:
-    """(start, stop, job) for each run of equal consecutive jobs within rows."""
-    out: list[tuple[int, int, Job]] = []
+def _runs(needs: Sequence[Needs], block: int, rows: slice) -> list[tuple[int, int, Reduction]]:
+    """(start, stop, reduction) for each run of consecutive images within rows that want this block reduced alike."""
+    out: list[tuple[int, int, Reduction]] = []
     for i in range(rows.start, rows.stop):
-        if out and out[-1][2] == jobs[i]:
-            out[-1] = (out[-1][0], i + 1, jobs[i])
+        reduce = needs[i].reduce if block in needs[i].layers else None
+        if reduce is None:
+            continue
+        if out and out[-1][1] == i and out[-1][2] == reduce:
+            out[-1] = (out[-1][0], i + 1, reduce)
         else:
-            out.append((i, i + 1, jobs[i]))
+            out.append((i, i + 1, reduce))
     return out
 
 
-def _group(jobs: Sequence[Job], kinds: tuple[type, ...], ignore: tuple[str, ...] = ()) -> dict[Job, list[int]]:
-    """Indices of jobs of the given kinds, grouped by equal parameters (fields in `ignore` aside)."""
-    groups: dict[Job, list[int]] = defaultdict(list)
+def _group(jobs: Sequence[Job]) -> dict[tuple, list[int]]:
+    """Indices of the jobs, grouped by key: equal methods and parameters (per-image ones aside)."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
     for i, j in enumerate(jobs):
-        if isinstance(j, kinds):
-            key = type(j)(**{**j.__dict__, **{f: 0 for f in ignore}})
-            groups[key].append(i)
+        groups[j.key].append(i)
     return groups
 
 
-def _rows(tensors: list[torch.Tensor], idx: list[int], batch: int) -> list[torch.Tensor]:
-    """The batch rows idx of every tensor; no copy when that is the whole batch."""
-    return tensors if len(idx) == batch else [t[idx] for t in tensors]
+def _captured(logits: torch.Tensor, idx: list[int], batch: int, *, reduced=None, attn=None, grads=None,
+              q=None, k=None, features=None) -> Captured:
+    """What the pass captured, cut to the batch rows idx (no copy when that is the whole batch)."""
+    whole = len(idx) == batch
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t if whole else t[idx]
+
+    return Captured(
+        logits=cut(logits),
+        reduced={b: cut(t) for b, t in (reduced or {}).items()},
+        attn=[cut(t) for t in attn or []],
+        grads=[cut(t) for t in grads or []],
+        q={b: cut(t) for b, t in (q or {}).items()},
+        k={b: cut(t) for b, t in (k or {}).items()},
+        features={b: cut(t) for b, t in (features or {}).items()},
+    )
+
+
+def _pick(store: dict[int, torch.Tensor], layers: frozenset[int]) -> dict[int, torch.Tensor]:
+    return {b: store[b] for b in sorted(layers)}
+
+
+def _store(maps: list, idx: list[int], out: torch.Tensor | None) -> None:
+    if out is not None:
+        for i, m in zip(idx, out.detach().cpu().numpy()):
+            maps[i] = m
 
 
 def _top_k(logits: torch.Tensor) -> list[list[Prediction]]:
@@ -184,4 +259,3 @@ def _top_k(logits: torch.Tensor) -> list[list[Prediction]]:
         [Prediction(class_id=int(c), score=float(s)) for c, s in zip(row_ids, row_scores)]
         for row_ids, row_scores in zip(ids.cpu().tolist(), scores.cpu().tolist())
     ]
-

@@ -1,4 +1,4 @@
-"""The explanation methods: small pure functions over captured tensors, batched.
+"""Tensor operations the explanation methods share: small pure functions over captured tensors, batched.
 
 Shapes: B batch, L blocks, H heads, N = P + gh*gw tokens (P prefix tokens: class token first,
 then distillation/register tokens), D head dim. No I/O, no HTTP, no model here: only tensors in
@@ -134,42 +134,10 @@ def patch_map(row: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Te
 
 
 def rollout(fused: Sequence[torch.Tensor], discard_ratio: float, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Attention Rollout from each block's head-fused attention F_l (B, N, N) -> masks (B, gh, gw) in [0, 1].
+    """Attention Rollout from each block's weights F_l (B, N, N) >= 0 -> masks (B, gh, gw) in [0, 1].
 
     W_l = discard(F_l, ratio), then row 0 of the rollout over the patches, divided by its max.
-    The F_l may be changed in place.
+    The F_l may be changed in place. Rollout and gradient rollout differ only in their F_l.
     """
     weights = [discard_lowest(f, discard_ratio) for f in fused]
     return normalize_max(patch_map(rollout_row(weights), prefix, grid))
-
-
-def grad_rollout(
-    attn: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    fusion: Fusion,
-    discard_ratio: float,
-    prefix: int,
-    grid: tuple[int, int],
-) -> torch.Tensor:
-    """Gradient Attention Rollout: rollout of F_l = max(fuse(A_l * dy/dA_l), 0) -> masks (B, gh, gw).
-
-    attn, grads: per block (B, H, N, N), the gradient of each image's own class logit.
-    """
-    fused = [fuse_heads(a * g, fusion).clamp_min(0.0) for a, g in zip(attn, grads)]
-    return rollout(fused, discard_ratio, prefix, grid)
-
-
-def class_attention(
-    cls_rows: Sequence[torch.Tensor], head: int | Fusion, prefix: int, grid: tuple[int, int]
-) -> torch.Tensor:
-    """The class token's attention to the patches in every block -> (B, L, gh, gw), each map / its max.
-
-    cls_rows: per block (B, H, N), row 0 of the post-softmax attention, A_l[:, :, 0, :].
-    """
-    rows = [r[:, head] if isinstance(head, int) else fuse_heads(r, head) for r in cls_rows]
-    return normalize_max(patch_map(torch.stack(rows, dim=1), prefix, grid))
-
-
-def qk_image(t: torch.Tensor, head: int, channel: int, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    """sigmoid of one channel of one head of q or k (B, H, N, D) over the patches -> (B, gh, gw)."""
-    return torch.sigmoid(patch_map(t[:, head, :, channel], prefix, grid))

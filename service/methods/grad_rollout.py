@@ -1,0 +1,42 @@
+"""Gradient Attention Rollout: class-specific rollout, weighting the attention by its gradient.
+
+Per image and class c, for blocks l = s .. L-1: F_l = max(fuse(A_l * dy_c/dA_l), 0), y_c the
+pre-softmax logit of class c; then discard, +I, rownorm, product and mask as rollout does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from schemas import requests as rq
+from service.engine import ops
+from service.methods.base import Captured, ModelShape, Needs, register
+from service.methods.rollout import MaskMethod
+
+
+class GradRolloutParams(rq.Params):
+    category_id: int = rq.below("classes", description="class to explain")
+    head_fusion: rq.Fusion = rq.head_fusion("mean")
+    discard_ratio: float = rq.discard_ratio("weights")
+    start_layer: int = rq.start_layer()
+    format: rq.Format = rq.fmt()
+
+
+def weights(attn: list[torch.Tensor], grads: list[torch.Tensor], fusion: rq.Fusion) -> list[torch.Tensor]:
+    """Per block max(fuse(A * dy/dA), 0): (b, H, N, N) x2 -> (b, N, N)."""
+    return [ops.fuse_heads(a * g, fusion).clamp_min(0.0) for a, g in zip(attn, grads)]
+
+
+@register
+class GradRollout(MaskMethod):
+    name = "grad-rollout"
+    summary = "Gradient Attention Rollout for one class"
+    Params = GradRolloutParams
+    per_image = ("category_id",)
+
+    def needs(self, p: GradRolloutParams, shape: ModelShape) -> Needs:
+        return Needs(grad=True)
+
+    def compute(self, p: GradRolloutParams, c: Captured, shape: ModelShape) -> torch.Tensor:
+        w = weights(c.attn[p.start_layer :], c.grads[p.start_layer :], p.head_fusion)
+        return ops.rollout(w, p.discard_ratio, shape.prefix, shape.grid)

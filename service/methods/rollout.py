@@ -1,0 +1,55 @@
+"""Attention Rollout (Abnar & Zuidema 2020, as the post adapts it to ViTs).
+
+Per image, for blocks l = s .. L-1 (s = start_layer): F_l = fuse(A_l) over heads; zero the
+floor(r*N*N) smallest entries of F_l except F_l[0, 0]; Â_l = rownorm(F_l + I);
+R = Â_{L-1} ... Â_s; the mask is R[0, P:] as gh x gw, divided by its max.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from schemas import requests as rq
+from schemas import responses as rs
+from service import imaging
+from service.engine import ops
+from service.engine.jobs import Result
+from service.methods.base import Captured, FuseHeads, Method, ModelShape, Needs, predictions, register
+
+
+class RolloutParams(rq.Params):
+    head_fusion: rq.Fusion = rq.head_fusion("max")
+    discard_ratio: float = rq.discard_ratio("attentions")
+    start_layer: int = rq.start_layer()
+    format: rq.Format = rq.fmt()
+
+
+class MaskMethod(Method):
+    """A method whose answer is one mask over the patches: JSON `mask`, PNG heatmap over the image."""
+
+    Response = rs.MaskResponse
+
+    def to_json(self, p: rq.Params, r: Result, shape: ModelShape) -> dict[str, Any]:
+        return {"model": shape.name, "method": self.name, "params": self.echo(p), "grid": shape.grid,
+                "mask": r.maps.tolist(), "predictions": predictions(r, shape)}
+
+    def draw(self, p: rq.Params, img: Image.Image, r: Result, shape: ModelShape) -> np.ndarray:
+        return imaging.overlay(img, r.maps)
+
+
+@register
+class Rollout(MaskMethod):
+    name = "rollout"
+    summary = "Attention Rollout"
+    Params = RolloutParams
+
+    def needs(self, p: RolloutParams, shape: ModelShape) -> Needs:
+        return Needs(reduce=FuseHeads(p.head_fusion), layers=frozenset(range(p.start_layer, shape.layers)))
+
+    def compute(self, p: RolloutParams, c: Captured, shape: ModelShape) -> torch.Tensor:
+        fused = [c.reduced[b] for b in range(p.start_layer, shape.layers)]  # per block (b, N, N)
+        return ops.rollout(fused, p.discard_ratio, shape.prefix, shape.grid)

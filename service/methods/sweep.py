@@ -1,0 +1,136 @@
+"""The discard sweep (the post's animation): rollout or gradient rollout at many discard ratios.
+
+One forward pass (and, for gradient rollout, one backward pass) per image; every ratio's mask is
+computed from the same captured weights F_l, exactly as one request at that ratio would compute
+it. Answers: an animated GIF or APNG, one labelled heatmap frame per ratio, or JSON with one mask
+per ratio.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field, field_validator
+
+from schemas import requests as rq
+from schemas import responses as rs
+from service import imaging
+from service.engine import ops
+from service.engine.jobs import Result
+from service.methods import grad_rollout
+from service.methods.base import Captured, FuseHeads, Method, ModelShape, Needs, predictions, register
+
+DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
+MAX_RATIOS = 64
+
+SweepFormat = Literal["gif", "apng", "json"]
+MEDIA = {"gif": "image/gif", "apng": "image/png"}
+
+
+def _ratios(v: Any) -> Any:
+    """A form field sends the ratios comma-separated: "0,0.5,0.9"."""
+    if isinstance(v, str):
+        return [t.strip() for t in v.split(",") if t.strip()]
+    return v
+
+
+class _SweepFields(rq.Params):
+    discard_ratios: tuple[float, ...] = Field(
+        DEFAULT_RATIOS, min_length=1, max_length=MAX_RATIOS,
+        description="discard ratios, each 0 <= r < 1, in frame order: a JSON list or a comma-separated form field",
+    )
+    frame_ms: int = Field(500, ge=20, le=10_000, description="duration of each frame of the animation, in ms")
+    format: SweepFormat = Field("gif", description="gif or apng: animated heatmaps labelled with their ratio; json: one mask per ratio (always json for several images)")
+
+    _split = field_validator("discard_ratios", mode="before")(_ratios)
+
+    @field_validator("discard_ratios")
+    @classmethod
+    def _in_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [r for r in v if not 0.0 <= r < 1.0]
+        if bad:
+            raise ValueError(f"every ratio must be 0 <= r < 1, not {bad[0]!r}")
+        return v
+
+
+class RolloutSweepParams(_SweepFields):
+    head_fusion: rq.Fusion = rq.head_fusion("max")
+    start_layer: int = rq.start_layer()
+
+
+class GradRolloutSweepParams(_SweepFields):
+    category_id: int = rq.below("classes", description="class to explain")
+    head_fusion: rq.Fusion = rq.head_fusion("mean")
+    start_layer: int = rq.start_layer()
+
+
+def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Rollout masks at every ratio from the same per-block weights (b, N, N) -> (b, R, gh, gw)."""
+    return torch.stack([ops.rollout([w.clone() for w in weights], r, prefix, grid) for r in ratios], dim=1)
+
+
+class _Sweep(Method):
+    Response = rs.SweepResponse
+    formats = ("gif", "apng", "json")
+    of: str  # the method swept
+
+    def to_json(self, p: _SweepFields, r: Result, shape: ModelShape) -> dict[str, Any]:
+        return {"model": shape.name, "method": self.of, "params": self.echo(p), "grid": shape.grid,
+                "discard_ratios": list(p.discard_ratios), "masks": r.maps.tolist(), "predictions": predictions(r, shape)}
+
+    def render(self, p: _SweepFields, img: Image.Image, r: Result, shape: ModelShape) -> tuple[bytes, str]:
+        frames = [_label(imaging.overlay(img, m), f"discard {ratio:.2f}") for m, ratio in zip(r.maps, p.discard_ratios)]
+        buf = io.BytesIO()
+        fmt = "GIF" if p.format == "gif" else "PNG"
+        frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=p.frame_ms, loop=0)
+        return buf.getvalue(), MEDIA[p.format]
+
+
+def _label(arr: np.ndarray, text: str) -> Image.Image:
+    """The frame with its label in a dark box at the top left."""
+    img = Image.fromarray(arr)
+    size = max(10, min(img.size) // 14)
+    font = ImageFont.load_default(size=size)
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = draw.textbbox((size // 3, size // 4), text, font=font)
+    pad = max(1, size // 6)
+    draw.rectangle((x0 - pad, y0 - pad, x1 + pad, y1 + pad), fill=(0, 0, 0))
+    draw.text((size // 3, size // 4), text, fill=(255, 255, 255), font=font)
+    return img
+
+
+@register
+class RolloutSweep(_Sweep):
+    name = "rollout-sweep"
+    path = "/rollout/sweep"
+    summary = "Attention Rollout at many discard ratios, from one forward pass"
+    Params = RolloutSweepParams
+    of = "rollout"
+
+    def needs(self, p: RolloutSweepParams, shape: ModelShape) -> Needs:
+        return Needs(reduce=FuseHeads(p.head_fusion), layers=frozenset(range(p.start_layer, shape.layers)))
+
+    def compute(self, p: RolloutSweepParams, c: Captured, shape: ModelShape) -> torch.Tensor:
+        fused = [c.reduced[b] for b in range(p.start_layer, shape.layers)]
+        return sweep(fused, p.discard_ratios, shape.prefix, shape.grid)
+
+
+@register
+class GradRolloutSweep(_Sweep):
+    name = "grad-rollout-sweep"
+    path = "/grad-rollout/sweep"
+    summary = "Gradient Attention Rollout for one class at many discard ratios, from one pass"
+    Params = GradRolloutSweepParams
+    per_image = ("category_id",)
+    of = "grad-rollout"
+
+    def needs(self, p: GradRolloutSweepParams, shape: ModelShape) -> Needs:
+        return Needs(grad=True)
+
+    def compute(self, p: GradRolloutSweepParams, c: Captured, shape: ModelShape) -> torch.Tensor:
+        w = grad_rollout.weights(c.attn[p.start_layer :], c.grads[p.start_layer :], p.head_fusion)
+        return sweep(w, p.discard_ratios, shape.prefix, shape.grid)
