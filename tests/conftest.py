@@ -5,6 +5,7 @@ No test touches the network: HF_HUB_OFFLINE is set before timm is imported.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 
@@ -57,3 +58,18 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def setups(models):
+    """Per architecture: a CPU Engine, the float64 Reference of the same weights, 3 preprocessed images."""
+    from service.engine.runner import Engine
+    from tests import reference as ref
+
+    out = {}
+    for arch in ARCHS:
+        m = models[arch]
+        engine = Engine(copy.deepcopy(m), torch.device("cpu"))
+        x = torch.stack([ref.preprocess(smooth_image(s), m) for s in range(3)])
+        out[arch] = (engine, ref.Reference(m), x)
+    return out

@@ -163,7 +163,7 @@ class Reference:
                 (grad,) = torch.autograd.grad(value, px)
         finally:
             hook.remove()
-        return float(value), grad
+        return float(value.detach()), grad
 
     def predictions(self, c: Captured, k: int = 5) -> list[tuple[int, float]]:
         p = torch.softmax(c.logits, -1)

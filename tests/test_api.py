@@ -203,3 +203,88 @@ def test_missing_image_gets_422(client):
 def test_a_body_that_cannot_carry_an_image_gets_415(client):
     resp = client.post("/rollout", data={"format": "json"})
     assert resp.status_code == 415 and "multipart/form-data" in resp.json()["detail"]
+
+
+# -- the method registry and the newer methods -------------------------------------------------------
+def test_methods_lists_every_endpoint_with_its_parameters(client):
+    methods = {m["name"]: m for m in client.get("/methods").json()}
+    assert {"rollout", "grad-rollout", "gae", "attention", "qk", "rollout-sweep", "grad-rollout-sweep",
+            "activation-max", "predict"} <= set(methods)
+    spec = client.get("/openapi.json").json()
+    for m in methods.values():
+        assert m["path"] in spec["paths"]
+    rollout = {p["name"]: p for p in methods["rollout"]["params"]}
+    assert rollout["discard_ratio"]["default"] == 0.9 and rollout["discard_ratio"]["exclusive_maximum"] == 1
+    assert rollout["head_fusion"]["enum"] == ["mean", "max", "min"] and rollout["start_layer"]["below"] == "layers"
+    assert methods["rollout"]["formats"] == ["png", "json"]
+    assert methods["rollout-sweep"]["formats"] == ["gif", "apng", "json"]
+    assert methods["activation-max"]["image"] == "optional"
+    assert {p["name"]: p for p in methods["gae"]["params"]}["category_id"]["required"]
+
+
+def test_gae_and_start_layer_match_reference(client, refs):
+    r = refs["distilled"]
+    img = smooth_image(110)
+    c = r.run(_ref_input(r, img), category=77)
+    body = post(client, "/gae", img, model="distilled", format="json", category_id=77, start_layer=2).json()
+    assert body["method"] == "gae" and body["params"] == {"category_id": 77, "start_layer": 2}
+    np.testing.assert_allclose(body["mask"], r.gae(c, 2), atol=1e-4)
+    body = post(client, "/rollout", img, model="distilled", format="json", discard_ratio=0, start_layer=3).json()
+    np.testing.assert_allclose(body["mask"], r.rollout(c, "max", 0.0, 3), atol=1e-4)
+    resp = post(client, "/gae", img, model="distilled", category_id=77)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert post(client, "/gae", img, model="distilled", category_id=77, start_layer=12).status_code == 422
+
+
+def test_a_sweep_equals_single_requests_at_its_ratios(client):
+    img = smooth_image(111)
+    body = post(client, "/rollout/sweep", img, model="deit", format="json", discard_ratios="0,0.5,0.9").json()
+    assert body["discard_ratios"] == [0.0, 0.5, 0.9] and body["method"] == "rollout" and len(body["masks"]) == 3
+    for ratio, mask in zip(body["discard_ratios"], body["masks"]):
+        single = post(client, "/rollout", img, model="deit", format="json", discard_ratio=ratio).json()["mask"]
+        np.testing.assert_allclose(mask, single, atol=1e-6)
+    data = {"image": __import__("base64").b64encode(png_bytes(img)).decode(), "category_id": 3,
+            "discard_ratios": [0.2, 0.8], "format": "json", "model": "deit"}
+    body = client.post("/grad-rollout/sweep", json=data).json()
+    single = post(client, "/grad-rollout", img, model="deit", format="json", category_id=3, discard_ratio=0.8).json()
+    np.testing.assert_allclose(body["masks"][1], single["mask"], atol=1e-6)
+    resp = post(client, "/rollout/sweep", smooth_image(112, size=(120, 90)), discard_ratios="0,0.9", frame_ms=200)
+    anim = Image.open(io.BytesIO(resp.content))
+    assert resp.headers["content-type"] == "image/gif" and anim.n_frames == 2 and anim.size == (120, 90)
+    resp = post(client, "/rollout/sweep", img, discard_ratios="0,1")
+    assert resp.status_code == 422 and "discard_ratios" in str(resp.json()["detail"])
+
+
+def _max_fields(**kw):
+    return {"model": "s32", "target": "class", "category_id": 5, "steps": 4, "seed": 3, **kw}
+
+
+def test_activation_max_answers_json_png_and_a_seed_reproduces_it(client):
+    first = client.post("/activation-max", json={**_max_fields(), "format": "json"}).json()
+    again = client.post("/activation-max", json={**_max_fields(), "format": "json"}).json()
+    assert len(first["objective"]) == 4 and first["objective"][-1] > first["objective"][0]
+    assert first["image"] == again["image"] and first["params"]["seed"] == 3
+    img = Image.open(io.BytesIO(__import__("base64").b64decode(first["image"])))
+    assert img.size == (224, 224) and img.mode == "RGB"
+    resp = client.post("/activation-max", data={k: str(v) for k, v in _max_fields().items()},
+                       files={"image": ("x.png", png_bytes(smooth_image(5)), "image/png")})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(resp.content)).size == (224, 224)
+    resp = client.post("/activation-max", json=_max_fields(target="q", channel=64))
+    assert resp.status_code == 422 and "channel" in resp.json()["detail"]
+
+
+def test_activation_max_streams_progress_as_server_sent_events(client):
+    events = []
+    with client.stream("POST", "/activation-max", json=_max_fields(steps=3),
+                       headers={"Accept": "text/event-stream"}) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line.removeprefix("data: "))))
+    assert [e for e, _ in events] == ["progress"] * 3 + ["result"]
+    assert [d["step"] for _, d in events[:3]] == [0, 1, 2]
+    assert events[-1][1]["objective"] == [d["objective"] for _, d in events[:3]]

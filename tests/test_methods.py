@@ -53,18 +53,6 @@ def tol(ratio: float, grad: bool = False) -> float:
     return 5e-3 if grad else 3e-3
 
 
-@pytest.fixture(scope="module")
-def setups(models):
-    out = {}
-    for arch in ARCHS:
-        m = models[arch]
-        engine = Engine(copy.deepcopy(m), torch.device("cpu"))
-        r = ref.Reference(m)
-        x = torch.stack([ref.preprocess(smooth_image(s), m) for s in range(3)])
-        out[arch] = (engine, r, x)
-    return out
-
-
 # -- pure functions against the definitions --------------------------------------------------
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.9, 0.99])
 def test_discard_zeroes_the_smallest_but_never_cls_to_cls(ratio):
