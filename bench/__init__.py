@@ -8,6 +8,8 @@ Parts (one module each):
              with a full backward, and the naive baseline (naive.py), in images per second
   served     a real `python -m service serve` process loaded by a separate client process
              (client.py), in requests per second and latency percentiles
+  toolkit    part C: the discard sweep against one request per ratio, and /rollout latency
+             while activation maximizations run
   report     the targets (PASS/MISS), the printed table, results.json and MACHINE.md
   profile    not part of the run: `python -m bench.profile`, the per-op profile of a case
   compare    not part of the run: `python -m bench.compare BEFORE AFTER`, two versions'

@@ -13,7 +13,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
 from service import runtime  # noqa: E402
-from bench import inprocess, report, served  # noqa: E402
+from bench import inprocess, report, served, toolkit  # noqa: E402
 from bench.client import ENDPOINTS  # noqa: E402
 
 FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0,
@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batching", default=",".join(served.BATCHING), help=f"subset of {','.join(served.BATCHING)}")
     p.add_argument("--duration", type=float, help="timed seconds per served cell")
     p.add_argument("--warmup", type=float, help="untimed seconds before each served cell")
-    p.add_argument("--skip-served", action="store_true", help="part A only")
+    p.add_argument("--skip-served", action="store_true", help="no served parts (B and C's busy latency)")
+    p.add_argument("--skip-toolkit", action="store_true", help="no part C (sweep cost, latency during maximizations)")
+    p.add_argument("--sessions", type=int, default=2, help="activation maximizations running in part C")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
@@ -80,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
                 inprocess.make_model(), Path(tmp), args.endpoints.split(","), args.batching.split(","),
                 clients, duration, warmup,
             )
+
+    results["toolkit"] = None
+    if not args.skip_toolkit:
+        print("C) the toolkit: the discard sweep's cost, /rollout while maximizations run")
+        results["toolkit"] = {"sweep": toolkit.sweep_cost(preset["timing"]), "busy": None}
+        if not args.skip_served:
+            with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
+                results["toolkit"]["busy"] = toolkit.busy_latency(Path(tmp), args.sessions, duration, warmup)
 
     results["targets"] = report.targets(engine, results["served"], plain)
     machine["loadavg_end"] = os.getloadavg()

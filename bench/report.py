@@ -177,6 +177,10 @@ def render(results: dict) -> str:
                          f"{_fmt(c['p50_ms'], 1)} | {_fmt(c['p95_ms'], 1)} | {c['requests']} | {c['errors']} |")
         rss = ", ".join(f"{k}: {_fmt(v, 0)} MiB" for k, v in served["peak_rss_mb"].items())
         lines += ["", f"server peak RSS (VmHWM): {rss}"]
+    if results.get("toolkit"):
+        from bench import toolkit
+
+        lines += toolkit.render(results["toolkit"])
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")

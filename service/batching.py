@@ -18,6 +18,8 @@ image than batch 8 on the development CPU).
 
 The queue is bounded: past `max_queue` waiting items, `submit` raises QueueFull at once, so
 that a flood is refused quickly instead of piling up; every accepted item gets an answer.
+`arriving` reserves room for a request's items before they are decoded, and refuses (QueueFull)
+when there is none, so that no work is done for items the queue would refuse.
 
 Long work (activation maximization) goes in the background lane, one item per session and step:
 a worker takes background items only when no foreground item waits, and at most
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -91,6 +95,12 @@ class Batcher(Generic[T, R]):
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(workers))]
+        # Background batches of a worker run in a thread of its own at the lowest CPU priority, so that on
+        # shared cores decoding, HTTP and the other replicas' explanations come first.
+        self._background_executors = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}-background", initializer=_lowest_cpu_priority)
+            for i in range(len(workers))
+        ]
 
     @property
     def depth(self) -> int:
@@ -105,8 +115,8 @@ class Batcher(Generic[T, R]):
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._tasks = [
-            asyncio.create_task(self._work(fn, ex), name=f"batcher-{self.name}-{i}")
-            for i, (fn, ex) in enumerate(zip(self._workers, self._executors))
+            asyncio.create_task(self._work(fn, ex, bg), name=f"batcher-{self.name}-{i}")
+            for i, (fn, ex, bg) in enumerate(zip(self._workers, self._executors, self._background_executors))
         ]
 
     async def stop(self) -> None:
@@ -119,20 +129,36 @@ class Batcher(Generic[T, R]):
                 item.future.set_exception(ShuttingDown(f"model {self.name} is shutting down"))
         self._pending.clear()
         self._background.clear()
-        for ex in self._executors:
+        for ex in (*self._executors, *self._background_executors):
             ex.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.contextmanager
     def arriving(self, n: int = 1) -> Iterator[None]:
         """Announce n items that are on their way (call around decoding, before `submit`), so that
-        a free worker waits up to max_delay for them instead of starting a batch without them."""
+        a free worker waits up to max_delay for them instead of starting a batch without them.
+
+        The announcement also reserves room in the queue: when the queued and announced items
+        leave no room for n more, QueueFull is raised here, before anything is decoded, rather
+        than by `submit` after all the work. The reservation ends one loop step after the block,
+        once the submits created in it have run up to queueing their items, so that no other
+        request can take the room in between.
+        """
+        if self.max_queue is not None and len(self._pending) + self._arriving + n > self.max_queue:
+            raise QueueFull(f"model {self.name!r} has {len(self._pending)} images queued and {self._arriving} on their way; "
+                            "try again shortly")
         self._arriving += n
         try:
             yield
         finally:
-            self._arriving -= n
-            if self._wakeup is not None:
-                self._wakeup.set()
+            try:
+                asyncio.get_running_loop().call_soon(self._arrived, n)
+            except RuntimeError:  # no loop (a synchronous caller): end the reservation now
+                self._arrived(n)
+
+    def _arrived(self, n: int) -> None:
+        self._arriving -= n
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -193,7 +219,7 @@ class Batcher(Generic[T, R]):
             if live:
                 return lane is self._background, live
 
-    async def _work(self, fn: Worker, executor: ThreadPoolExecutor) -> None:
+    async def _work(self, fn: Worker, executor: ThreadPoolExecutor, background_executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         free_since = float("-inf")
         while True:
@@ -201,7 +227,8 @@ class Batcher(Generic[T, R]):
             started = time.monotonic()
             self._background_running += background
             try:
-                outcomes = list(await loop.run_in_executor(executor, fn, [it.payload for it in batch]))
+                ex = background_executor if background else executor
+                outcomes = list(await loop.run_in_executor(ex, fn, [it.payload for it in batch]))
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
             except Exception as e:  # noqa: BLE001 - the batch's callers get the error, the worker goes on
@@ -218,3 +245,14 @@ class Batcher(Generic[T, R]):
                     it.future.set_exception(out)
                 else:
                     it.future.set_result(out)
+
+
+def _lowest_cpu_priority() -> None:
+    """Lower the calling thread's CPU priority to nice 19 (Linux: a thread is a task; elsewhere a no-op).
+
+    Threads it starts (torch's intra-op pool) inherit it. Lowering needs no privilege; raising
+    back would, so the background lane has threads of its own."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass

@@ -1,0 +1,43 @@
+"""The method registry is the one source: README table, routes, parameters, formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.config import Settings
+from service.methods import REGISTRY, markdown_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_table_is_the_one_the_methods_declare():
+    text = README.read_text()
+    start, end = "<!-- methods-table:start -->\n", "\n<!-- methods-table:end -->"
+    table = text[text.index(start) + len(start) : text.index(end)]
+    assert table == markdown_table(), "README is stale: paste `python -m service.methods` between the markers"
+
+
+def test_every_method_has_its_route_and_strict_parameters():
+    spec = create_app(Settings(models=["x=local-dir:/nonexistent"], device="cpu")).openapi()
+    for m in REGISTRY.values():
+        assert m.route in spec["paths"], m.name
+        assert spec["paths"][m.route]["post"]["summary"] == m.summary
+        with pytest.raises(ValidationError):
+            m.Params(**{"no_such_field": 1})
+        fmt = m.Params.model_fields.get("format")
+        assert (fmt.default if fmt else "json") == m.formats[0], m.name
+        if fmt:
+            assert set(fmt.annotation.__args__) == set(m.formats), m.name
+
+
+def test_equal_parameters_are_equal_jobs_and_per_image_ones_share_a_group():
+    g = REGISTRY["grad-rollout"]
+    a, b = g.job(g.Params(category_id=1)), g.job(g.Params(category_id=2))
+    assert a != b and a.key == b.key  # one group, each with its own class
+    r = REGISTRY["rollout"]
+    assert r.job(r.Params(format="png")).key == r.job(r.Params(format="json")).key
+    assert r.job(r.Params(discard_ratio=0.5)).key != r.job(r.Params()).key
