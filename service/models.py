@@ -75,7 +75,8 @@ class Preprocess:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         h, w = self.size
         resample = _INTERPOLATIONS.get(self.interpolation, Image.Resampling.BICUBIC)
-        arr = np.asarray(img.convert("RGB").resize((w, h), resample=resample), dtype=np.float32) / 255.0
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even an RGB image
+        arr = np.asarray(rgb.resize((w, h), resample=resample), dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # (3, H, W)
 
