@@ -1,4 +1,5 @@
-"""Service metadata: the models, liveness, readiness and metrics."""
+"""Service metadata: the models, liveness, readiness and metrics. The first three answer HEAD
+too (probes and load balancers use it): the same status and headers, no body."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from service.api.deps import Ctx, get_ctx
 router = APIRouter(tags=["service"])
 
 
-@router.get("/models", response_model=list[rs.ModelInfo], summary="Configured models and their status")
+@router.api_route("/models", methods=["GET", "HEAD"], response_model=list[rs.ModelInfo], summary="Configured models and their status")
 async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
     default = ctx.pool.default
     out = []
@@ -27,12 +28,12 @@ async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
     return out
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
+@router.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
 async def readyz(ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
     states = {m.name: m.status for m in ctx.pool.models.values()}
     ready = not ctx.draining and ctx.pool.settled and any(s == "ready" for s in states.values())
