@@ -58,6 +58,41 @@ class _Server(uvicorn.Server):
             self._captured_signals[:] = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
+def raise_file_limit() -> None:
+    """Raise the soft file-handle limit to the hard one: every connection holds a handle."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def connection_limits(settings: Settings) -> dict:
+    """uvicorn's settings for hostile connections (README, Under load and faults).
+
+    uvicorn has no header or body read timeout of its own: the protocol class adds the header
+    timeout, the header size limit and the connection limit at accept (service/http.py); the
+    ASGI middleware times the body. uvicorn's own limit_concurrency stays as a second line,
+    a little above --max-connections (it answers 503 to *requests* while that many connections
+    are counted, which would otherwise include the connections being refused).
+    """
+    limits = dict(timeout_keep_alive=settings.keep_alive_s, limit_concurrency=settings.connection_limit + 64,
+                  h11_max_incomplete_event_size=int(settings.max_header_kb * 1024), backlog=2048)
+    try:
+        import httptools  # noqa: F401
+
+        from service.http import GuardedHttpToolsProtocol
+    except ImportError:  # pure-Python h11: its max_incomplete_event_size bounds the headers, no header timeout
+        log.warning("httptools is not installed: serving with h11, without a header timeout or accept-time connection limit")
+        return {**limits, "http": "h11"}
+    return {**limits, "http": GuardedHttpToolsProtocol.configured(
+        max_connections=settings.connection_limit, header_timeout=settings.read_timeout_s,
+        max_header_bytes=int(settings.max_header_kb * 1024))}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
@@ -69,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.api.middleware import configure_logging
     from service.app import create_app
 
+    raise_file_limit()
+
     configure_logging(settings.log_level, settings.log_json)
     try:
         app = create_app(settings)
@@ -76,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, log_config=None, timeout_graceful_shutdown=settings.request_timeout_s)
+                            access_log=False, log_config=None, timeout_graceful_shutdown=settings.request_timeout_s,
+                            **connection_limits(settings))
     _Server(config, app).run()
     return 0
 

@@ -9,6 +9,7 @@ import logging
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
@@ -17,9 +18,11 @@ from service import imaging, runtime
 from service.api import explain, meta
 from service.api.deps import Ctx, InvalidParams
 from service.api.explain import ClientGone
+from service.api.limits import safe_errors, safe_text
 from service.api.middleware import RequestMiddleware
 from service.api.parsing import ClientError
 from service.batching import QueueFull, ShuttingDown
+from service.budget import Busy, OverBudget
 from service.config import Settings
 from service.metrics import Metrics
 from service.models import ModelSpec
@@ -90,16 +93,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """Client mistakes -> 4xx with a detail; overload -> 503 + Retry-After."""
+    """Client mistakes -> 4xx with a detail; overload -> 503 + Retry-After.
+
+    Every detail is made safe to encode (service/api/limits.py): a message that quotes the input
+    is cut short, and a validation error echoes at most a short excerpt of the value it refused,
+    never NaN, an unpaired surrogate or a megabyte of it.
+    """
 
     def answer(status: int | None, retry: bool = False):
         async def handle(_request: Request, exc: Exception) -> JSONResponse:
             code = status if status is not None else exc.status
             headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
-            return JSONResponse({"detail": str(exc) or type(exc).__name__}, status_code=code, headers=headers)
+            return JSONResponse({"detail": safe_text(str(exc) or type(exc).__name__)}, status_code=code, headers=headers)
 
         return handle
 
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(imaging.ImageError, answer(None))
     app.add_exception_handler(ClientError, answer(None))
     app.add_exception_handler(InvalidParams, answer(422))
@@ -107,6 +119,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelNotReady, answer(503, retry=True))
     app.add_exception_handler(QueueFull, answer(503, retry=True))
     app.add_exception_handler(ShuttingDown, answer(503, retry=True))
+    app.add_exception_handler(Busy, answer(503, retry=True))
+    app.add_exception_handler(OverBudget, answer(413))
     app.add_exception_handler(ClientGone, answer(499))
     app.add_exception_handler(ClientDisconnect, answer(499))
 

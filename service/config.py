@@ -43,7 +43,24 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, description="504 when a request takes longer")
     max_pixels: int = Field(40_000_000, ge=1, description="images with more pixels are refused (413)")
     max_upload_mb: float = Field(20.0, gt=0, description="request bodies larger than this are refused (413)")
-    max_images: int = Field(16, ge=1, le=1024, description="images in one multipart or JSON request")
+    max_images: int = Field(16, ge=1, le=1024, description="images in one multipart or JSON request (at most --max-queue; default 16, or --max-queue when smaller)")
+    max_pixels_in_flight: int | None = Field(
+        None, ge=1,
+        description="pixels decoded or drawn at once across all requests; beyond it a request waits up to 5 s, then 503 "
+        "(default: 2 x --max-pixels)",
+    )
+    max_bodies_mb: float | None = Field(
+        None, gt=0, description="request body megabytes held at once across all requests, beyond it 503 (default: 4 x --max-upload-mb)"
+    )
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="longest wait for a request's headers, and for each next piece of its body (408)"
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this long")
+    max_connections: int | None = Field(
+        None, ge=1, description="open connections; beyond it new ones get 503 and are closed "
+        "(default: 1000, or fewer to stay 128 below the file-handle limit)",
+    )
+    max_header_kb: float = Field(32.0, gt=0, le=1024, description="request line and headers larger than this are refused (431)")
     max_maximizations: int = Field(
         8, ge=1, le=1024, description="activation maximizations running at once per model before 503 + Retry-After"
     )
@@ -69,8 +86,44 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if not self.models:
             raise ValueError("at least one --model is needed")
+        if "max_images" not in self.model_fields_set:
+            self.max_images = min(self.max_images, self.max_queue)  # the default follows a smaller queue
+        if self.max_images > self.max_queue:
+            # such a request could never be queued: it would always get 503, even on an idle server
+            raise ValueError(f"--max-images ({self.max_images}) must not exceed --max-queue ({self.max_queue}): "
+                             "a request with more images than the queue holds could never be admitted")
+        if self.max_pixels_in_flight is not None and self.max_pixels_in_flight < self.max_pixels:
+            raise ValueError(f"--max-pixels-in-flight ({self.max_pixels_in_flight}) must be at least --max-pixels "
+                             f"({self.max_pixels}), or an image within the limit could never be decoded")
+        if self.max_bodies_mb is not None and self.max_bodies_mb < self.max_upload_mb:
+            raise ValueError(f"--max-bodies-mb ({self.max_bodies_mb:g}) must be at least --max-upload-mb ({self.max_upload_mb:g})")
         return self
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def pixels_in_flight(self) -> int:
+        return self.max_pixels_in_flight or 2 * self.max_pixels
+
+    @property
+    def body_bytes_in_flight(self) -> int:
+        return int(self.max_bodies_mb * 1024 * 1024) if self.max_bodies_mb else 4 * self.max_upload_bytes
+
+    @property
+    def connection_limit(self) -> int:
+        """--max-connections, or 1000 kept 128 below the soft file-handle limit (RLIMIT_NOFILE):
+        model files, logs and the event loop need handles too, and a refused client must still
+        get its 503 rather than a dropped connection."""
+        if self.max_connections is not None:
+            return self.max_connections
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (ImportError, ValueError, OSError):
+            return 1000
+        if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
+            return 1000
+        return max(16, min(1000, soft - 128))

@@ -4,12 +4,22 @@
    and health included) and, through a ContextVar, on every log line of the request.
 2. API key: when configured, everything but /healthz and /readyz needs a matching X-API-Key.
 3. Body limit: a Content-Length over the limit is refused before reading; a body that streams
-   past the limit is cut off with 413, never read whole into memory.
-4. Access log line and request metrics (by route template, so cardinality stays bounded).
+   past the limit is cut off with 413, never read whole into memory. Body bytes are taken from
+   a budget shared by all requests (503 + Retry-After when it is spent).
+4. Read timeout: each next piece of the body must come within --read-timeout-s (else 408); an
+   answer given before the body was read to its end closes the connection, so that the rest
+   of a body cannot hold it. (Headers are timed by service/http.py.)
+5. Deadline: the request runs in its own task under --request-timeout-s; past it (plus a
+   grace) the answer is 504 even while a worker thread cannot be interrupted, and that work
+   stops at its next deadline check (service/budget.py). The request's budgets are given back
+   when its task has ended, not before.
+6. Access log line and request metrics (by route template, so cardinality stays bounded);
+   every client-controlled field is escaped (`esc`), so a path with %0d%0a cannot forge lines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import json
@@ -20,6 +30,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import budget
 from service.metrics import Metrics
 
 log = logging.getLogger("service.access")
@@ -32,6 +43,33 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyTimeout(Exception):
+    """The client stopped sending its body (408). Not a TimeoutError: that one means 504."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+
+
+def esc(value: object, limit: int = 512) -> str:
+    """A client-controlled value as it may appear in a log line: control characters (CR, LF, tab,
+    escape, C1, Unicode line separators) and backslashes written as escapes, so that no value can
+    start a forged log line; long values are cut."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_one(m: re.Match) -> str:
+    c = m.group()
+    if c == "\\":
+        return "\\\\"
+    return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+
+
+_orphans: set[asyncio.Task] = set()  # requests answered 504 whose work has not finished yet
 
 
 class RequestMiddleware:
@@ -51,74 +89,164 @@ class RequestMiddleware:
         token = request_id.set(rid)
         started = time.perf_counter()
         status = {"code": 500}
+        guards = _guards(scope)
+        lease = budget.Lease()
+        due = time.monotonic() + guards.request_timeout_s if guards else None
+        tokens = (budget.deadline.set(due), budget.lease.set(lease))
+        has_body = headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+        state = {"body_done": not has_body, "answered": False, "started": False}
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if state["answered"]:
+                    raise _Answered()
+                state["started"] = True
                 status["code"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                extra = [(b"x-request-id", rid.encode())]
+                if not state["body_done"]:
+                    # the body was not read to its end: close, so that its rest cannot hold the
+                    # connection (a Content-Length longer than what comes, a trickled body)
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
+            elif state["answered"] and not state["started"]:
+                raise _Answered()
             await send(message)
 
+        task, spawned = None, False
         try:
             refusal = self._refuse(scope, headers)
+            if refusal is None and guards is not None:
+                refusal = await self._take_body_budget(guards, headers, lease)
             if refusal is not None:
                 await _json(send_with_id, *refusal)
+                return
+            task = asyncio.ensure_future(self._call_limited(scope, receive, send_with_id, guards, lease, state))
+            spawned = True
+            task.add_done_callback(lambda _t: lease.end())  # budgets come back when no work is left
+            if due is None:
+                await task
+                return
+            await asyncio.wait({task}, timeout=max(0.0, due - time.monotonic()) + _GRACE_S)
+            if not task.done() and not state["started"]:
+                # The work is in a thread that cannot be interrupted (it stops at its next deadline
+                # check): answer now, and let the task finish on its own, its answer discarded.
+                state["answered"] = True
+                await _json(send, 504, f"the request took longer than {guards.request_timeout_s:g} s",
+                            extra=[(b"x-request-id", rid.encode()), (b"connection", b"close")])
+                status["code"] = 504
+                _orphans.add(task)
+                task.add_done_callback(_orphans.discard)
+                task = None
             else:
-                await self._call_limited(scope, receive, send_with_id)
+                await task
+        except asyncio.CancelledError:
+            if task is not None and not task.done():
+                task.cancel()
+            raise
         finally:
+            if not spawned:
+                lease.end()  # else the task gives the lease back when it ends (an orphan too)
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
             self.metrics.latency.labels(endpoint=endpoint).observe(elapsed)
-            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status["code"], elapsed * 1000)
+            log.info("%s %s %d %.1fms", esc(scope["method"], 16), esc(scope["path"]), status["code"], elapsed * 1000)
+            for var, tok in zip((budget.deadline, budget.lease), tokens):
+                var.reset(tok)
             request_id.reset(token)
 
-    def _refuse(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
+    def _refuse(self, scope: Scope, headers: dict[str, str]) -> tuple | None:
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             given = headers.get("x-api-key", "").encode()
             if not hmac.compare_digest(given, self.api_key):
                 return 401, "missing or wrong X-API-Key"
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not length.isdigit() or len(length) > 18:
                 return 400, "malformed Content-Length"
             if int(length) > self.max_body:
                 return 413, f"the request body is {length} bytes, more than the limit of {self.max_body}"
         return None
 
-    async def _call_limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _take_body_budget(self, guards, headers: dict[str, str], lease: budget.Lease):  # noqa: ANN001
+        """A declared body takes its bytes from the shared budget before it is read (a body without
+        Content-Length takes them as it streams, see _call_limited)."""
+        length = int(headers.get("content-length") or 0)
+        if length:
+            try:
+                await lease.take(guards.body_bytes, length, guards.wait_s())
+            except budget.Busy as e:
+                return 503, str(e), [(b"retry-after", str(RETRY_AFTER_S).encode())]
+        return None
+
+    async def _call_limited(self, scope: Scope, receive: Receive, send: Send, guards, lease: budget.Lease,  # noqa: ANN001
+                            state: dict) -> None:
         seen = 0
-        started = False
+        declared = "content-length" in {k.decode("latin-1").lower() for k, _ in scope["headers"]}
+        read_timeout = guards.read_timeout_s if guards is not None else None
 
         async def limited_receive() -> Message:
             nonlocal seen
-            message = await receive()
+            try:
+                async with asyncio.timeout(read_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout() from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                seen += chunk
                 if seen > self.max_body:
                     raise BodyTooLarge()
+                if chunk and not declared and guards is not None:
+                    if not guards.body_bytes.try_take(chunk):
+                        raise budget.Busy("the service holds its limit of request body bytes at once; try again shortly")
+                    lease.hold(guards.body_bytes, chunk)
+                if not message.get("more_body", False):
+                    state["body_done"] = True
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, send)
+        except _Answered:
+            pass
         except BodyTooLarge:
-            if not started:
+            if not state["started"]:
                 await _json(send, 413, f"the request body is larger than the limit of {self.max_body} bytes")
+        except BodyTimeout:
+            if not state["started"]:
+                await _json(send, 408, f"the request body stopped arriving (nothing for {read_timeout:g} s)")
+        except budget.Busy as e:
+            if not state["started"]:
+                await _json(send, 503, str(e), extra=[(b"retry-after", str(RETRY_AFTER_S).encode())])
         except Exception:  # noqa: BLE001 - a bug: log it here, answer without a stack trace
-            logging.getLogger("service").exception("unhandled error in %s %s", scope["method"], scope["path"])
-            if not started:
+            logging.getLogger("service").exception("unhandled error in %s %s", esc(scope["method"], 16), esc(scope["path"]))
+            if not state["started"]:
                 await _json(send, 500, "internal error; the request id is in X-Request-ID")
 
 
-async def _json(send: Send, status: int, detail: str) -> None:
+class _Answered(Exception):
+    """The middleware answered (504) before the app did: the app's late answer is dropped."""
+
+
+RETRY_AFTER_S = 2
+_GRACE_S = 0.25  # the app's own 504 comes first when it can; this one when its work cannot stop
+
+
+def _guards(scope: Scope):  # noqa: ANN202
+    app = scope.get("app")
+    if app is None or getattr(app.state, "ctx", None) is None:
+        return None
+    from service.api.limits import guards_for
+
+    return guards_for(app)
+
+
+async def _json(send: Send, status: int, detail: str, extra: list | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -2,21 +2,23 @@
 
 multipart/form-data: one or more file parts named `image`, the parameters as form fields.
 application/json: {"image": "<base64>" or ["<base64>", ...], ...parameters}.
-Every way a body can be wrong ends here as a ClientError with the status to answer.
+Every way a body can be wrong ends here as a ClientError with the status to answer; the limits
+that bound what a body can cost are in service/api/limits.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException
+
+from service import imaging
+from service.api.limits import MAX_FIELDS, BodyError, check_multipart_closed, guards_for, parse_json_body, safe_text
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -32,30 +34,65 @@ class ClientError(ValueError):
 async def read_request(
     request: Request, params_cls: type[P], max_images: int, image_required: bool = True
 ) -> tuple[P, list[bytes]]:
+    """Parse, validate, and admit: every image's header is checked (format, frame size, decode
+    cost) and the request's pixels are taken from the service's budget before anything is
+    decoded, so nothing is decoded for a request that would be refused."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         fields, images = await _multipart(request, max_images)
     elif ctype == "application/json":
-        fields, images = await _json(request)
+        fields, images = await _json(request, max_images)
     else:
-        raise ClientError(415, f"send multipart/form-data or application/json, not {ctype or 'no content type'!r}")
+        raise ClientError(415, f"send multipart/form-data or application/json, not {safe_text(ctype, 80) or 'no content type'!r}")
     if not images and image_required:
         raise RequestValidationError([{"type": "missing", "loc": ("body", "image"), "msg": "Field required", "input": None}])
     if len(images) > max_images:
         raise ClientError(422, f"{len(images)} images in one request; the limit is {max_images}")
     try:
-        return params_cls.model_validate(fields), images
+        params = params_cls.model_validate(fields)
     except ValidationError as e:
         raise RequestValidationError(
             [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
         ) from None
+    await admit_images(request, images)
+    return params, images
+
+
+async def admit_images(request: Request, images: list[bytes]) -> None:
+    """Check every image's header in a worker thread (ImageError as decoding would raise it,
+    naming the image when there are several), then take their pixels from the budget shared by
+    all requests (wait, or Busy -> 503); the middleware gives them back when the request ends."""
+    ctx = getattr(request.app.state, "ctx", None)
+    if ctx is None:
+        return
+    max_pixels = ctx.settings.max_pixels
+
+    def inspect_all() -> int:
+        total = 0
+        for i, data in enumerate(images):
+            try:
+                w, h = imaging.inspect(data, max_pixels)
+            except imaging.ImageError as e:
+                if len(images) > 1:
+                    raise type(e)(f"image {i}: {e}") from None
+                raise
+            total += w * h
+        return total
+
+    pixels = await run_in_threadpool(inspect_all)
+    await guards_for(request.app).take_pixels(pixels)
 
 
 async def _multipart(request: Request, max_images: int) -> tuple[dict[str, Any], list[bytes]]:
+    body = await request.body()  # bounded by the middleware's limit; form() parses this copy
     try:
-        form = await request.form(max_files=max_images + 1, max_fields=64)
+        check_multipart_closed(body, request.headers.get("content-type", ""))
+    except BodyError as e:
+        raise ClientError(e.status, str(e)) from None
+    try:
+        form = await request.form(max_files=max_images + 1, max_fields=MAX_FIELDS)
     except (MultiPartException, ValueError) as e:  # the parser's complaints are the client's problem
-        raise ClientError(400, f"malformed multipart body: {e}") from None
+        raise ClientError(400, f"malformed multipart body: {safe_text(str(e), 200)}") from None
     try:
         fields: dict[str, Any] = {}
         images: list[bytes] = []
@@ -65,7 +102,7 @@ async def _multipart(request: Request, max_images: int) -> tuple[dict[str, Any],
                     raise ClientError(422, "`image` must be a file part (curl -F image=@file.png), not a text field")
                 images.append(await value.read())
             elif key in fields:
-                raise ClientError(422, f"field {key!r} is given more than once")
+                raise ClientError(422, f"field {safe_text(repr(key), 80)} is given more than once")
             else:
                 fields[key] = value if isinstance(value, str) else "<file>"
         return fields, images
@@ -73,21 +110,9 @@ async def _multipart(request: Request, max_images: int) -> tuple[dict[str, Any],
         await form.close()
 
 
-async def _json(request: Request) -> tuple[dict[str, Any], list[bytes]]:
+async def _json(request: Request, max_images: int) -> tuple[dict[str, Any], list[bytes]]:
+    body = await request.body()
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClientError(400, f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise ClientError(422, "the JSON body must be an object with an `image` member")
-    raw = body.pop("image", None)
-    encoded = raw if isinstance(raw, list) else [] if raw is None else [raw]
-    images = []
-    for i, item in enumerate(encoded):
-        if not isinstance(item, str):
-            raise ClientError(422, f"image[{i}] must be a base64 string")
-        try:
-            images.append(base64.b64decode(item.split(",", 1)[-1] if item.startswith("data:") else item, validate=True))
-        except (binascii.Error, ValueError):
-            raise ClientError(422, f"image[{i}] is not valid base64") from None
-    return body, images
+        return await run_in_threadpool(parse_json_body, body, max_images)
+    except BodyError as e:
+        raise ClientError(e.status, str(e)) from None

@@ -1,0 +1,135 @@
+"""uvicorn's httptools protocol with the connection limits uvicorn does not have.
+
+uvicorn bounds an idle keep-alive connection (`timeout_keep_alive`) and can answer 503 past
+`limit_concurrency`, but a connection still costs a file handle from accept to close, and
+nothing times the arrival of a request's headers (h11's `max_incomplete_event_size` bounds their
+size with the h11 parser only; httptools has a fixed one of its own). So, per connection:
+
+- Connection limit: a connection accepted while `max_connections` are open is answered 503
+  (with Retry-After) and closed at once, so that floods of idle connections cannot exhaust the
+  file handles and new clients get a clear refusal instead of a dropped connection.
+- Header timeout: from the connection's start, and from the first byte of each next request,
+  the request line and headers must be complete within `header_timeout` (else 408 and close):
+  a slowloris trickle of one byte a second holds a connection for that long, not forever.
+- Header size: more than `max_header_bytes` before the headers are complete: 431 and close.
+- Slow readers: after an answer, a client that reads none of it for `header_timeout` is dropped,
+  so its buffered answer does not stay in memory.
+
+Body timeouts are the ASGI middleware's (service/api/middleware.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("service.http")
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+
+
+def raw_response(status: int, detail: str, retry_after: int | None = None) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Error")), b"content-type: application/json",
+            b"content-length: %d" % len(body), b"connection: close"]
+    if retry_after is not None:
+        head.append(b"retry-after: %d" % retry_after)
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """Configure with `configured(...)`, which returns a subclass carrying the limits."""
+
+    max_connections: int = 1000
+    header_timeout: float = 10.0
+    max_header_bytes: int = 32 * 1024
+
+    @classmethod
+    def configured(cls, *, max_connections: int, header_timeout: float, max_header_bytes: int) -> type:
+        return type("GuardedHttpToolsProtocol", (cls,), {
+            "max_connections": max_connections, "header_timeout": header_timeout, "max_header_bytes": max_header_bytes,
+        })
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_headers = True
+        self._header_bytes = 0
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:
+            log.warning("connection limit (%d) reached: refusing a new connection with 503", self.max_connections)
+            self._refuse(503, f"the server holds its limit of {self.max_connections} connections; try again shortly",
+                         retry_after=2)
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_headers and not self.transport.is_closing():
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse(431, f"the request line and headers are larger than {self.max_header_bytes} bytes")
+
+    # parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._header_bytes = 0
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self._watch_drain(self.transport.get_write_buffer_size())
+
+    # timers
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._in_headers and not self.transport.is_closing():
+            self._refuse(408, f"the request's headers did not arrive within {self.header_timeout:g} s")
+
+    def _watch_drain(self, size: int) -> None:
+        def check() -> None:
+            self._drain_timer = None
+            if self.transport.is_closing():
+                return
+            left = self.transport.get_write_buffer_size()
+            if left and left >= size:
+                self.transport.close()  # not one byte read in a whole timeout: a stalled reader
+            elif left:
+                self._watch_drain(left)
+
+        self._drain_timer = self.loop.call_later(self.header_timeout, check)
+
+    def _cancel_timers(self) -> None:
+        for name in ("_header_timer", "_drain_timer"):
+            timer = getattr(self, name, None)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
+
+    def _refuse(self, status: int, detail: str, retry_after: int | None = None) -> None:
+        self._cancel_timers()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # an answer is under way on this connection: just end it
+            return
+        self.transport.write(raw_response(status, detail, retry_after))
+        self.transport.close()
