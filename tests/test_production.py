@@ -122,7 +122,8 @@ def test_oversized_uploads_get_413_with_or_without_content_length(client):
 
 
 @pytest.mark.parametrize("body, ctype, status", [
-    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc", "multipart/form-data; boundary=xyz", 422),
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc", "multipart/form-data; boundary=xyz", 400),  # unclosed
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz", 422),
     (b"garbage without boundary", "multipart/form-data", 400),
     (b"{not json", "application/json", 400),
     (b"[1, 2]", "application/json", 422),
