@@ -1,0 +1,71 @@
+"""Activation maximization is long work: it ends at the timeout, when its client leaves, and past
+--max-maximizations it is refused, while explanations go on being answered."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.server import running_server
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs):
+    args = ["--model", f"s32=local-dir:{model_dirs['vit_small_patch32_224']}", "--max-maximizations", "1",
+            "--request-timeout-s", "4"]
+    with running_server(args) as s:
+        yield s
+
+
+LONG = {"target": "class", "category_id": 1, "steps": 1000}
+SSE = {"Accept": "text/event-stream"}
+
+
+def _wait_for_free_slot(url: str, within_s: float) -> float:
+    """Seconds until a one-step maximization is accepted again (the slot of the last one freed)."""
+    t0 = time.monotonic()
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while True:
+            r = c.post("/activation-max", json={"steps": 1, "format": "json"})
+            if r.status_code == 200:
+                return time.monotonic() - t0
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert time.monotonic() - t0 < within_s, "the slot was never freed"
+            time.sleep(0.2)
+
+
+def test_a_maximization_past_the_timeout_answers_504_and_frees_its_slot(server):
+    t0 = time.monotonic()
+    r = httpx.post(server.url + "/activation-max", json=LONG, timeout=60)
+    assert r.status_code == 504 and "longer than 4 s" in r.json()["detail"]
+    assert time.monotonic() - t0 < 10
+    _wait_for_free_slot(server.url, within_s=10)
+
+
+def test_a_streamed_maximization_past_the_timeout_ends_with_an_error_event(server):
+    with httpx.stream("POST", server.url + "/activation-max", json=LONG, headers=SSE, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("event: ")]
+    assert lines[0] == "event: progress" and lines[-1] == "event: error"
+    _wait_for_free_slot(server.url, within_s=10)
+
+
+def test_a_client_that_leaves_stops_its_maximization_and_explanations_go_on(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        with c.stream("POST", "/activation-max", json={**LONG, "format": "json"}, headers=SSE) as r:
+            events = r.iter_lines()
+            assert next(line for line in events if line.startswith("event: ")) == "event: progress"
+            # while it runs: the second maximization is refused, an explanation is answered
+            busy = c.post("/activation-max", json={"steps": 1})
+            assert busy.status_code == 503 and busy.headers["retry-after"]
+            files = {"image": ("x.png", _png(), "image/png")}
+            assert c.post("/rollout", files=files, data={"format": "json"}).status_code == 200
+        # the stream is closed: the server notices, drops the session, frees the slot
+    assert _wait_for_free_slot(server.url, within_s=3) < 3
+
+
+def _png() -> bytes:
+    from tests.conftest import png_bytes, smooth_image
+
+    return png_bytes(smooth_image(1))
