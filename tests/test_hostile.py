@@ -535,3 +535,13 @@ def test_inspect_reads_the_frame_that_decode_decodes():
     with pytest.raises(imaging.ImageError, match="scans"):
         imaging.inspect(jpeg_with_scans(imaging.MAX_JPEG_SCANS), 10**6)
     assert imaging.decode(jpeg_with_scans(5), 10**6).size == (64, 64)
+
+
+def test_a_sweep_counts_each_drawn_frame_against_the_pixel_budget(client):
+    side = int((PIXELS_IN_FLIGHT / 4) ** 0.5)  # 5 MP: one frame fits the budget, eleven do not
+    big = flat_png(side, side, "L", 5)
+    resp, took = post_file(client, big, "/rollout/sweep")
+    assert resp.status_code == 413 and "pixels" in resp.json()["detail"], resp.text
+    assert took < STALL_S
+    resp, _ = post_file(client, big, "/rollout/sweep", discard_ratios="0.5,0.9", format="json")
+    assert resp.status_code == 200, resp.text

@@ -54,11 +54,15 @@ async def read_request(
         raise RequestValidationError(
             [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
         ) from None
-    await admit_images(request, images)
+    # A method that draws one full-size picture per item of `discard_ratios` (the sweeps) holds
+    # that many frames at once: each counts against the pixel budget like another image.
+    drawn = getattr(params, "format", "json") != "json"
+    frames = 1 + (len(getattr(params, "discard_ratios", None) or ()) if drawn else 0)
+    await admit_images(request, images, frames)
     return params, images
 
 
-async def admit_images(request: Request, images: list[bytes]) -> None:
+async def admit_images(request: Request, images: list[bytes], frames: int = 1) -> None:
     """Check every image's header in a worker thread (ImageError as decoding would raise it,
     naming the image when there are several), then take their pixels from the budget shared by
     all requests (wait, or Busy -> 503); the middleware gives them back when the request ends."""
@@ -80,7 +84,7 @@ async def admit_images(request: Request, images: list[bytes]) -> None:
         return total
 
     pixels = await run_in_threadpool(inspect_all)
-    await guards_for(request.app).take_pixels(pixels)
+    await guards_for(request.app).take_pixels(pixels * frames)
 
 
 async def _multipart(request: Request, max_images: int) -> tuple[dict[str, Any], list[bytes]]:
