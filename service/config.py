@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     )
     keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this long")
     max_connections: int | None = Field(
-        None, ge=1, description="open connections; beyond it new ones get 503 and are closed "
+        None, ge=1, description="open connections; a new one beyond it closes the longest-idle one, or gets 503 when all are busy "
         "(default: 1000, or fewer to stay 128 below the file-handle limit)",
     )
     max_header_kb: float = Field(32.0, gt=0, le=1024, description="request line and headers larger than this are refused (431)")

@@ -5,9 +5,12 @@ uvicorn bounds an idle keep-alive connection (`timeout_keep_alive`) and can answ
 nothing times the arrival of a request's headers (h11's `max_incomplete_event_size` bounds their
 size with the h11 parser only; httptools has a fixed one of its own). So, per connection:
 
-- Connection limit: a connection accepted while `max_connections` are open is answered 503
-  (with Retry-After) and closed at once, so that floods of idle connections cannot exhaust the
-  file handles and new clients get a clear refusal instead of a dropped connection.
+- Connection limit: at most `max_connections` stay open, so that floods of connections cannot
+  exhaust the file handles. A connection accepted beyond it evicts the connection that has been
+  idle longest (waiting for its request's headers: 408, or an idle keep-alive one), so that a
+  client that sends its request at once (a health probe) is served even while slow or idle
+  clients hold every connection; when every connection is busy with a request, the new one is
+  answered 503 (with Retry-After) and closed, a clear refusal instead of a dropped connection.
 - Header timeout: from the connection's start, and from the first byte of each next request,
   the request line and headers must be complete within `header_timeout` (else 408 and close):
   a slowloris trickle of one byte a second holds a connection for that long, not forever.
@@ -59,12 +62,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.max_connections:
-            log.warning("connection limit (%d) reached: refusing a new connection with 503", self.max_connections)
+        self._idle_since = self.loop.time()
+        if len(self.connections) > self.max_connections and not self._evict_idlest():
+            log.warning("connection limit (%d) reached with every connection busy: refusing a new one with 503",
+                        self.max_connections)
             self._refuse(503, f"the server holds its limit of {self.max_connections} connections; try again shortly",
                          retry_after=2)
             return
         self._arm_header_timer()
+
+    def _idle(self) -> bool:
+        """No request of this connection is being served: it waits for headers, or is kept alive."""
+        return (not self.transport.is_closing() and not self.pipeline
+                and (self.cycle is None or self.cycle.response_complete))
+
+    def _evict_idlest(self) -> bool:
+        idle = [c for c in self.connections if c is not self and isinstance(c, GuardedHttpToolsProtocol) and c._idle()]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c._idle_since)
+        victim._refuse(408, "closed: the server is at its connection limit and this connection had sent no request")
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
@@ -80,6 +98,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # parser callbacks
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._idle_since = self.loop.time()
         self._in_headers = True
         self._header_bytes = 0
         self._arm_header_timer()
@@ -92,6 +111,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
+        self._idle_since = self.loop.time()
         super().on_response_complete()
         if not self.transport.is_closing() and self.transport.get_write_buffer_size():
             self._watch_drain(self.transport.get_write_buffer_size())
