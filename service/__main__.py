@@ -1,4 +1,5 @@
-"""Command line: `python -m service serve --model [ALIAS=]SPEC ... --host H --port P`.
+"""Command line: `python -m service serve --model [ALIAS=]SPEC ... --host H --port P`, and
+`python -m service explain IMAGE... --method M [--param value ...] -o OUT` (service/cli.py).
 
 Every setting of service/config.py is a flag (`max_batch_size` -> `--max-batch-size`); flags
 override VIT_* environment variables, which override the defaults.
@@ -23,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("explain", add_help=False,
+                   help="run a method over images, through a server or in process (python -m service explain --help)")
     s = sub.add_parser("serve", help="serve the HTTP API")
     s.add_argument("--model", dest="models", action="append", metavar="[ALIAS=]SPEC",
                    help="model to serve, repeatable; the first available is the default (env VIT_MODELS)")
@@ -94,6 +97,11 @@ def connection_limits(settings: Settings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["explain"]:
+        from service import cli
+
+        return cli.main(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     try:

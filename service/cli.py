@@ -1,0 +1,269 @@
+"""`python -m service explain IMAGE... --method rollout [--param value ...] -o OUT`
+
+Runs one method over images (files, folders, globs) and writes its PNG/GIF or its JSON (the API's
+answer), either through a running service (`--server URL`, by the Python client) or in this
+process (`--model SPEC`, through the same engine, no server). The method's parameters are its
+own declarations (`python -m service explain --method gae --help` lists them).
+
+Output: with one image, OUT is the file to write (its extension picks the format unless
+`--format` is given; no OUT writes JSON to stdout); with several, OUT is a folder and each image
+writes OUT/<name>.<format>.
+
+Exit codes: 0 done; 2 bad arguments or parameters, or no images; 3 the server cannot be reached;
+4 the service (or the engine) refused an input, with its detail; 5 the service failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.methods import REGISTRY, Method
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+SUFFIX_FORMATS = {".png": "png", ".json": "json", ".gif": "gif", ".apng": "apng"}
+EXTENSIONS = {"png": ".png", "json": ".json", "gif": ".gif", "apng": ".png"}
+
+OK, USAGE, UNREACHABLE, REFUSED, FAILED = 0, 2, 3, 4, 5
+
+
+class Refused(Exception):
+    """An input or parameter the service or the engine refused: (exit code, message)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _base_parser(add_help: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service explain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders or globs")
+    p.add_argument("--method", default="rollout", choices=list(REGISTRY), help="the method (default: rollout)")
+    p.add_argument("-o", "--out", type=Path, help="output file (one image) or folder (several)")
+    p.add_argument("--format", help="output format (default: from OUT's extension, else the method's first)")
+    p.add_argument("--server", help="URL of a running service, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="X-API-Key for --server")
+    p.add_argument("--model", help="with --server: a served model alias; without: a model [ALIAS=]SPEC to load "
+                                   "in this process (default: the bundled shapes-vit demo model)")
+    p.add_argument("--device", default="cpu", help="device for the in-process engine (default cpu)")
+    p.add_argument("--jobs", type=int, default=4, help="requests in flight with --server (default 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _method_parser(method: Method) -> argparse.ArgumentParser:
+    p = _base_parser(add_help=True)
+    g = p.add_argument_group(f"{method.name} parameters (service defaults when left out)")
+    for name, f in method.Params.model_fields.items():
+        if name in ("model", "format"):
+            continue
+        default = "required" if f.is_required() else f"default {f.default!r}"
+        g.add_argument("--" + name.replace("_", "-"), dest=f"param_{name}", metavar="VALUE",
+                       help=f"{f.description or ''} ({default})")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, Method, dict]:
+    known, _ = _base_parser(add_help=False).parse_known_args(argv)
+    method = REGISTRY[known.method]
+    args = _method_parser(method).parse_args(argv)
+    params = {k.removeprefix("param_"): v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+    return args, method, params
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and globs -> image paths, in order, without repeats."""
+    out: list[Path] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(c in pattern for c in "*?["):
+            found = sorted(Path(q) for q in glob.glob(pattern, recursive=True) if Path(q).is_file())
+        else:
+            found = [p]
+        for q in found:
+            if q not in out:
+                out.append(q)
+    return out
+
+
+def _output_format(args: argparse.Namespace, method: Method, many: bool) -> str:
+    if args.format:
+        fmt = args.format
+    elif args.out is not None and not many and args.out.suffix.lower() in SUFFIX_FORMATS:
+        fmt = SUFFIX_FORMATS[args.out.suffix.lower()]
+    elif args.out is None:
+        fmt = "json"
+    else:
+        fmt = method.formats[0]
+    if fmt not in method.formats:
+        raise Refused(USAGE, f"{method.name} answers {', '.join(method.formats)}, not {fmt}")
+    return fmt
+
+
+# -- the two ways to run a method ------------------------------------------------------------------
+class Remote:
+    """Through a running service, by the Python client: one request per image."""
+
+    def __init__(self, url: str, api_key: str | None, model: str | None) -> None:
+        from service.client import Client
+
+        self.client, self.model = Client(url, api_key=api_key, retries=5), model
+
+    def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress) -> bytes:
+        from service.client import ServiceError
+
+        try:
+            if method.iterative:  # streamed, for the progress bar
+                answer = self.client.activation_max(image, model=self.model, on_progress=progress, **params)
+                return json.dumps(answer.raw).encode() if fmt == "json" else _png(answer.image)
+            return self.client.request(method.route, image, format=fmt, model=self.model, **params)
+        except ServiceError as e:
+            raise Refused(REFUSED if e.status < 500 else FAILED, f"{image or method.name}: {e.status}: {e.detail}") from None
+
+
+class Local:
+    """In this process, through the service's own engine: no server."""
+
+    def __init__(self, spec: str | None, device: str) -> None:
+        import torch
+
+        from service import models
+        from service.config import DEFAULT_MODELS
+        from service.engine.runner import Engine
+
+        spec = models.ModelSpec.parse(spec or DEFAULT_MODELS[-1])
+        model = models.create(spec)
+        self.engine = Engine(model, torch.device(device), name=spec.alias)
+        self.preprocess = models.Preprocess.from_model(model)
+
+    def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress) -> bytes:
+        from service import imaging
+        from service.methods.base import InvalidParams
+
+        shape = self.engine.shape
+        try:
+            p = method.Params(**params, format=fmt) if "format" in method.Params.model_fields else method.Params(**params)
+            method.check(p, shape)
+            img = imaging.decode(image.read_bytes(), 40_000_000) if image else None
+        except (InvalidParams, imaging.ImageError) as e:
+            raise Refused(REFUSED, f"{image or method.name}: {e}") from None
+        job = method.job(p)
+        if method.iterative:
+            start = None
+            if img is not None:
+                x = self.preprocess(img)
+                import torch
+
+                mean, std = (torch.tensor(v)[:, None, None] for v in (shape.mean, shape.std))
+                start = (x * std + mean).clamp(0.0, 1.0)
+            state = method.start(p, start, shape)
+            for step in range(p.steps):
+                (value,) = self.engine.step([state], [job])
+                progress(step, value)
+            result = method.result(state)
+        else:
+            (result,) = self.engine.run(self.preprocess(img)[None], [job])
+        if fmt == "json":
+            return json.dumps(method.to_json(p, result, shape)).encode()
+        return method.render(p, img, result, shape)[0]
+
+
+def _validate(method: Method, params: dict) -> None:
+    """Parameters checked before any work, as the service would (model-dependent ranges aside)."""
+    try:
+        method.Params(**params)
+    except ValidationError as e:
+        msgs = "; ".join(f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
+        raise Refused(USAGE, f"invalid parameters for {method.name}: {msgs}") from None
+
+
+def run(argv: list[str], out=None, err=None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        args, method, params = parse(argv)
+    except SystemExit as e:  # argparse: --help (0) or bad arguments (2)
+        return int(e.code or 0)
+    try:
+        return _run(args, method, params, out, err)
+    except Refused as e:
+        print(f"error: {e}", file=err)
+        return e.code
+
+
+def _run(args, method: Method, params: dict, out, err) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    _validate(method, params)
+    images: list[Path | None] = list(expand(args.images))
+    if not images:
+        if method.image == "required":
+            raise Refused(USAGE, "no images given (files, folders or globs)")
+        images = [None]
+    missing = [str(p) for p in images if p is not None and not p.is_file()]
+    if missing:
+        raise Refused(USAGE, f"no such image file: {', '.join(missing)}")
+    many = len(images) > 1
+    fmt = _output_format(args, method, many)
+    if many and args.out is None:
+        raise Refused(USAGE, "several images need -o FOLDER")
+    if many:
+        args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        runner = Remote(args.server, args.api_key, args.model) if args.server else Local(args.model, args.device)
+    except Exception as e:  # noqa: BLE001 - a model that cannot load is the user's to fix
+        raise Refused(FAILED, f"cannot load the model: {type(e).__name__}: {e}") from None
+    bar = tqdm(total=len(images), unit="image", disable=args.quiet or not many, file=err)
+    steps_bar = tqdm(total=getattr(method.Params(**params), "steps", 0), unit="step", disable=args.quiet or many,
+                     file=err) if method.iterative else None
+
+    def progress(step: int, value: float) -> None:
+        if steps_bar is not None:
+            steps_bar.set_postfix(objective=f"{value:.3f}")
+            steps_bar.update(1)
+
+    def one(image: Path | None) -> tuple[Path | None, bytes]:
+        return image, runner.run(method, params, image, fmt, progress)
+
+    try:
+        jobs = args.jobs if isinstance(runner, Remote) else 1
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            for image, body in pool.map(one, images):
+                _write(body, image, args.out, many, fmt, out)
+                bar.update(1)
+    except httpx.TransportError as e:
+        raise Refused(UNREACHABLE, f"cannot reach the server at {args.server}: {e}") from None
+    finally:
+        bar.close()
+        if steps_bar is not None:
+            steps_bar.close()
+    return OK
+
+
+def _write(body: bytes, image: Path | None, out_path: Path | None, many: bool, fmt: str, out) -> None:
+    if out_path is None:
+        out.write(body.decode() + "\n")
+        return
+    target = out_path / f"{image.stem if image else 'activation-max'}{EXTENSIONS[fmt]}" if many else out_path
+    target.write_bytes(body)
+
+
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(sys.argv[1:] if argv is None else argv)
