@@ -65,12 +65,16 @@ class _Reader(io.BytesIO):
         return super().read(*args)
 
 
-class _Writer(io.BytesIO):
-    """Encoder output: every block written checks the deadline, so an encode stops too."""
+class DeadlineBuffer(io.BytesIO):
+    """Encoder output: every block written checks the request's deadline, so that an encode
+    past the timeout stops too (PIL writes what it has encoded 64 KB at a time)."""
 
     def write(self, data):  # noqa: ANN001, ANN201
         budget.check_deadline("encoding the answer")
         return super().write(data)
+
+
+_Writer = DeadlineBuffer
 
 
 def _other_format(data: bytes) -> str | None:
@@ -124,7 +128,10 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     if len(tiles) > MAX_TILES:
         raise ImageError(f"the image is stored in {len(tiles)} pieces, more than the {MAX_TILES} accepted")
     for tile in tiles:
-        x0, y0, x1, y1 = tile[1]
+        try:
+            x0, y0, x1, y1 = (int(v) for v in tile[1])
+        except (TypeError, ValueError, IndexError):
+            raise ImageError("the image is corrupt: a part of it has no valid extent") from None
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h or x1 <= x0 or y1 <= y0:
             raise ImageError(f"the image is corrupt: a part of it ({x1 - x0}x{y1 - y0} at {x0},{y0}) lies outside its {w}x{h} frame")
     if fmt == "JPEG":
