@@ -8,7 +8,6 @@ per ratio.
 
 from __future__ import annotations
 
-import io
 from typing import Any, Literal
 
 import numpy as np
@@ -84,7 +83,7 @@ class _Sweep(Method):
 
     def render(self, p: _SweepFields, img: Image.Image, r: Result, shape: ModelShape) -> tuple[bytes, str]:
         frames = [_label(imaging.overlay(img, m), f"discard {ratio:.2f}") for m, ratio in zip(r.maps, p.discard_ratios)]
-        buf = io.BytesIO()
+        buf = imaging.DeadlineBuffer()  # the encode stops at the request's deadline too
         fmt = "GIF" if p.format == "gif" else "PNG"
         frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=p.frame_ms, loop=0)
         return buf.getvalue(), MEDIA[p.format]
