@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from service import imaging, runtime
-from service.api import explain, meta
+from service.api import explain, explorer, meta
 from service.api.deps import Ctx, InvalidParams
 from service.api.explain import ClientGone
 from service.api.limits import safe_errors, safe_text
@@ -74,12 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="ViT explain",
         version="0.1.0",
         description="What a Vision Transformer sees: attention rollout, gradient rollout, per-layer "
-        "class-token attention and Q/K feature images for timm ViTs.",
+        "class-token attention and Q/K feature images for timm ViTs. The [explorer page](/) draws them "
+        "in the browser.",
         lifespan=lifespan,
     )
     app.state.ctx = ctx
     app.include_router(explain.router)
     app.include_router(meta.router)
+    app.include_router(explorer.router)
     _install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

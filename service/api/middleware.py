@@ -2,7 +2,9 @@
 
 1. X-Request-ID: taken from the request when sane, else generated; put on every answer (errors
    and health included) and, through a ContextVar, on every log line of the request.
-2. API key: when configured, everything but /healthz and /readyz needs a matching X-API-Key.
+2. API key: when configured, everything but /healthz, /readyz and the explorer page's own files
+   (`/`, `/explorer/...`: they hold no data; the page sends the key on its API calls) needs a
+   matching X-API-Key.
 3. Body limit: a Content-Length over the limit is refused before reading; a body that streams
    past the limit is cut off with 413, never read whole into memory. Body bytes are taken from
    a budget shared by all requests (503 + Retry-After when it is spent).
@@ -38,7 +40,8 @@ log = logging.getLogger("service.access")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+OPEN_PREFIXES = ("/explorer/",)  # the explorer page's static files (service/api/explorer.py)
 
 
 class BodyTooLarge(Exception):
@@ -157,7 +160,8 @@ class RequestMiddleware:
             request_id.reset(token)
 
     def _refuse(self, scope: Scope, headers: dict[str, str]) -> tuple | None:
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+        path = scope["path"]
+        if self.api_key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             given = headers.get("x-api-key", "").encode()
             if not hmac.compare_digest(given, self.api_key):
                 return 401, "missing or wrong X-API-Key"
