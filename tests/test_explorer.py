@@ -1,0 +1,378 @@
+"""The explorer page (GET /) in a real browser: headless Chromium driven by Playwright, against a
+real `python -m service serve` with a random-weight DeiT-Tiny and an API key.
+
+The page is checked the way a user meets it: the key asked for once, an image uploaded, the
+parameters changed, the answer drawn. What it draws is compared with the API's JSON rendered
+here (bilinear upsampling, jet colours from the `cmap` library), and every URL the browser asks
+for must be the server's own (blob: and data: URLs of its own making included).
+
+Playwright uses the system's Chromium (Debian's `chromium` package), never a downloaded one.
+Without it the tests are skipped, with how to install it; in CI (CI or VIT_REQUIRE_BROWSER set)
+a missing browser fails them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+
+import httpx
+import numpy as np
+import pytest
+from cmap import Colormap
+from PIL import Image
+
+from service import imaging
+from tests.conftest import png_bytes, smooth_image
+from tests.server import running_server
+
+try:
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+    PlaywrightError = Exception
+
+KEY = "explorer-s3cret"
+REQUIRED = bool(os.environ.get("CI") or os.environ.get("VIT_REQUIRE_BROWSER"))
+HOW = ("the browser tests need Chromium and Playwright for Python: `apt-get install -y chromium` "
+       "and `pip install playwright` (in the dev extra: `pip install -e '.[dev]'`); no `playwright install` needed")
+TIMEOUT_MS = 60_000
+JET = np.round(Colormap("jet").lut(256)[:, :3].astype(np.float64) * 255.0)
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    for path in ("/usr/bin/chromium", "/usr/lib/chromium/chromium", "/snap/bin/chromium"):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _unavailable(why: str):
+    message = f"{why}; {HOW}"
+    if REQUIRED:
+        pytest.fail(f"browser tests are required here (CI / VIT_REQUIRE_BROWSER): {message}")
+    pytest.skip(message)
+
+
+# -- fixtures: one server and one browser for the module ---------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None:
+        _unavailable("Playwright for Python is not installed")
+    exe = chromium_path()
+    if exe is None:
+        _unavailable("no Chromium found (chromium on PATH or /usr/bin/chromium)")
+    with sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        except PlaywrightError as e:
+            _unavailable(f"Chromium at {exe} did not start: {str(e).splitlines()[0]}")
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs):
+    args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--replicas-per-device", "1"]
+    with running_server(args, env={"VIT_API_KEY": KEY}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with httpx.Client(base_url=server.url, timeout=120, headers={"X-API-Key": KEY}) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 320 x 240 picture (not square, not the model's size) as a file to upload."""
+    path = tmp_path_factory.mktemp("explorer") / "photo.png"
+    path.write_bytes(png_bytes(smooth_image(7, (320, 240))))
+    return path
+
+
+class Session:
+    """One browser tab on the page, recording every request and every script error."""
+
+    def __init__(self, server, context):
+        self.server, self.context = server, context
+        self.page = context.new_page()
+        self.page.set_default_timeout(TIMEOUT_MS)
+        self.requests: list[tuple[str, dict]] = []
+        self.errors: list[str] = []
+        context.on("request", lambda r: self.requests.append((r.url, r.headers)))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def open(self):
+        self.page.goto(self.server.url + "/")
+        self.page.wait_for_selector("body[data-ready=true]")
+        return self
+
+    def upload(self, path):
+        self.page.set_input_files("#file", str(path))
+        self.page.wait_for_selector("#predictions li")
+
+    def method(self, name, col="a"):
+        self.page.select_option(f"#column-{col} select.method", name)
+
+    def set(self, name, value, col="a"):
+        sel = f"#{col}-{name}"
+        if self.page.eval_on_selector(sel, "e => e.tagName") == "SELECT":
+            self.page.select_option(sel, str(value))
+        else:
+            self.page.fill(sel, str(value))
+
+    def run(self, col="a", state="done"):
+        self.page.click(f"#column-{col} button.run")
+        self.page.wait_for_selector(f"#pane-{col}[data-state=done], #pane-{col}[data-state=error]")
+        got = self.page.get_attribute(f"#pane-{col}", "data-state")
+        assert got == state, self.page.inner_text(f"#pane-{col} .error")
+        return self.last(col)
+
+    def last(self, col="a"):
+        return self.page.evaluate(
+            """col => { const l = window.explorer.columns.find(c => c.id === col).last;
+                        const {canvas, canvases, ...drawn} = l.drawn || {};
+                        return {request: l.request, response: l.response, drawn, curl: l.curl,
+                                progress: l.progress || null}; }""", col)
+
+    def pixels(self, selector) -> np.ndarray:
+        """The RGB pixels of a canvas, (h, w, 3)."""
+        got = self.page.eval_on_selector(selector, """c => {
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let s = ''; for (let i = 0; i < d.length; i += 8192) s += String.fromCharCode(...d.subarray(i, i + 8192));
+            return {w: c.width, h: c.height, data: btoa(s)}; }""")
+        arr = np.frombuffer(base64.b64decode(got["data"]), np.uint8).reshape(got["h"], got["w"], 4)
+        return arr[:, :, :3].astype(np.float64)
+
+    def external(self) -> list[str]:
+        own = (self.server.url + "/", f"blob:{self.server.url}/", "data:")
+        return [u for u, _ in self.requests if not u.startswith(own)]
+
+
+@pytest.fixture()
+def tab(browser, server):
+    """A fresh browser context with the key already in its session storage (as after entering it)."""
+    context = browser.new_context(viewport={"width": 1360, "height": 900}, accept_downloads=True)
+    context.add_init_script(f"sessionStorage.setItem('vit-explain.api-key', {json.dumps(KEY)})")
+    s = Session(server, context)
+    yield s
+    context.close()
+    assert s.external() == [], "the page fetched from outside the service"
+    assert s.errors == [], s.errors
+
+
+def render(mask, w: int, h: int) -> np.ndarray:
+    """The page's overlay as this test expects it: bilinear upsampling (PIL's), then jet."""
+    m = np.clip(imaging.upsample(np.asarray(mask, np.float32), (w, h)), 0.0, 1.0)
+    return JET[np.minimum(255, np.floor(m * 255.0)).astype(int)]
+
+
+def assert_drawn(got: np.ndarray, mask, w: int, h: int):
+    assert got.shape == (h, w, 3)
+    diff = np.abs(got - render(mask, w, h))
+    # equal but where a value lies on a colour-table step (float32 rounding): a step of jet is
+    # at most 4 levels of a channel
+    assert diff.mean() < 0.5 and np.percentile(diff, 99.5) <= 4.5 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
+def api_post(api, path, photo, fields):
+    resp = api.post(path, files={"image": (photo.name, photo.read_bytes(), "image/png")}, data=fields)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+# -- the page and its files ------------------------------------------------------------------------
+def test_the_page_and_its_files_load_without_the_key_and_the_api_needs_it(server, api):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        for ref in ("/explorer/explorer.js", "/explorer/explorer.css"):
+            assert ref in page.text
+        for name, media in (("explorer.js", "text/javascript"), ("api.js", "text/javascript"),
+                            ("draw.js", "text/javascript"), ("explorer.css", "text/css")):
+            r = c.get(f"/explorer/{name}")
+            assert r.status_code == 200 and r.headers["content-type"].startswith(media), name
+        assert c.get("/explorer/nothing.js").status_code == 404
+        assert c.get("/explorer/%2e%2e%2fapp.py").status_code == 404
+        assert c.get("/models").status_code == 401 and c.get("/models/deit/labels").status_code == 401
+    labels = api.get("/models/deit/labels").json()
+    assert labels["model"] == "deit" and len(labels["labels"]) == 1000 and "tabby" in labels["labels"][281]
+    assert api.get("/models/nope/labels").status_code == 404
+    spec = api.get("/openapi.json").json()
+    assert "(/)" in spec["info"]["description"]  # /docs links to the page
+    assert "/models/{name}/labels" in spec["paths"] and "/" not in spec["paths"]
+
+
+def test_the_key_is_asked_for_once_and_sent_on_every_call(browser, server, photo):
+    context = browser.new_context()
+    s = Session(server, context)
+    page = s.page
+    page.goto(server.url + "/")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", "wrong")
+    page.click("#key-save")
+    page.wait_for_selector("#key-dialog[open]")
+    assert "refused" in page.inner_text("#key-message")
+    page.fill("#key-input", KEY)
+    page.click("#key-save")
+    page.wait_for_selector("body[data-ready=true]")
+    s.upload(photo)
+    s.run()
+    page.reload()  # the key is kept for the session: no dialog again
+    page.wait_for_selector("body[data-ready=true]")
+    assert not page.is_visible("#key-dialog")
+    assert page.evaluate("sessionStorage.getItem('vit-explain.api-key')") == KEY
+    calls = [(u, h) for u, h in s.requests if u.startswith(server.url) and "/explorer/" not in u
+             and u.rstrip("/") != server.url]
+    assert {u.removeprefix(server.url) for u, _ in calls} >= {"/models", "/methods", "/models/deit/labels", "/predict", "/rollout"}
+    first_with_key = next(i for i, (_, h) in enumerate(calls) if h.get("x-api-key") == KEY)
+    assert all(h.get("x-api-key") == KEY for _, h in calls[first_with_key:])
+    assert all(h.get("x-api-key") in (None, "wrong", KEY) for _, h in calls)
+    context.close()
+    assert s.external() == [] and s.errors == []
+
+
+# -- what it draws -------------------------------------------------------------------------------
+def test_the_rollout_overlay_is_the_api_json_mask(tab, api, photo):
+    s = tab.open()
+    s.upload(photo)
+    assert s.page.get_attribute("#a-start_layer", "max") == "11"  # layers - 1, from GET /models
+    s.set("head_fusion", "mean")
+    s.set("discard_ratio", "0.5")
+    s.set("start_layer", "2")
+    got = s.run()
+    assert got["request"] == {"model": "deit", "head_fusion": "mean", "discard_ratio": "0.5", "start_layer": "2", "format": "json"}
+    assert got["response"]["params"] == {"head_fusion": "mean", "discard_ratio": 0.5, "start_layer": 2}
+    direct = api_post(api, "/rollout", photo, got["request"])
+    np.testing.assert_allclose(got["response"]["mask"], direct["mask"], atol=1e-5)
+    d = got["drawn"]
+    assert (d["width"], d["height"]) == (384, 288)  # 320 x 240 drawn at 384 on the long side
+    assert_drawn(s.pixels("#pane-a canvas.heat"), direct["mask"], d["width"], d["height"])
+    # the colour bar and the top-5 predictions are on screen
+    assert s.page.is_visible("#pane-a canvas.colour-bar")
+    top = [p["label"] for p in direct["predictions"]]
+    assert [t.rsplit(" (", 1)[0] for t in s.page.locator("#predictions .label").all_inner_texts()] == top
+    # the curl command on screen makes the same request
+    assert "-F head_fusion=mean" in got["curl"] and got["curl"].endswith(f"{s.server.url}/rollout")
+    if shutil.which("curl"):
+        out = subprocess.run(got["curl"], shell=True, cwd=photo.parent, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "VIT_API_KEY": KEY})
+        np.testing.assert_allclose(json.loads(out.stdout)["mask"], direct["mask"], atol=1e-5)
+    # downloads: the JSON on screen, and the picture on screen as a PNG
+    with s.page.expect_download() as dl:
+        s.page.click("#pane-a .download-json")
+    assert json.loads(open(dl.value.path()).read()) == got["response"]
+    with s.page.expect_download() as dl:
+        s.page.click("#pane-a .download-png")
+    assert dl.value.suggested_filename == "rollout.png"
+    assert Image.open(dl.value.path()).size == (384, 288)
+
+
+def test_the_class_picker_searches_the_labels_and_compare_shows_two_settings(tab, api, photo):
+    s = tab.open()
+    s.upload(photo)
+    s.method("grad-rollout")
+    s.page.fill("#column-a .class-search", "tabby")
+    s.page.click("#column-a .class-list button[data-class='281']")
+    assert s.page.input_value("#a-category_id") == "281"
+    assert "tabby" in s.page.inner_text("#column-a .class-label")
+    s.page.check("#compare")
+    s.page.wait_for_selector("#column-b")
+    assert s.page.input_value("#b-category_id") == "281"  # B starts as a copy of A
+    s.set("head_fusion", "max", col="b")
+    s.set("discard_ratio", "0", col="b")
+    s.page.click("#run-all")
+    for col in ("a", "b"):
+        s.page.wait_for_selector(f"#pane-{col}[data-state=done]")
+    a, b = s.last("a"), s.last("b")
+    assert a["response"]["params"]["category_id"] == b["response"]["params"]["category_id"] == 281
+    assert (a["response"]["params"]["head_fusion"], b["response"]["params"]["head_fusion"]) == ("mean", "max")
+    for col, got in (("a", a), ("b", b)):
+        direct = api_post(api, "/grad-rollout", photo, got["request"])
+        np.testing.assert_allclose(got["response"]["mask"], direct["mask"], atol=1e-5)
+        assert_drawn(s.pixels(f"#pane-{col} canvas.heat"), direct["mask"], got["drawn"]["width"], got["drawn"]["height"])
+
+
+def test_errors_show_the_services_detail(tab, photo):
+    s = tab.open()
+    s.upload(photo)
+    s.method("grad-rollout")
+    s.set("category_id", "5000")
+    s.run(state="error")
+    text = s.page.inner_text("#pane-a .error")
+    assert "category_id: must be < 1000" in text  # the 422 detail as the service wrote it
+    s.method("rollout")
+    s.set("discard_ratio", "1.5")  # a pydantic error list: shown as field: message
+    s.run(state="error")
+    assert "discard_ratio" in s.page.inner_text("#pane-a .error") and "less than 1" in s.page.inner_text("#pane-a .error")
+
+
+def test_the_layer_montage_draws_every_block(tab, api, photo):
+    s = tab.open()
+    s.upload(photo)
+    s.method("attention")
+    options = s.page.eval_on_selector("#a-head", "e => [...e.options].map(o => o.value)")
+    assert options == ["0", "1", "2", "mean", "max", "min"]  # 3 heads, then the fusions
+    s.set("head", "max")
+    got = s.run()
+    assert s.page.locator("#pane-a .montage canvas.heat").count() == 12
+    direct = api_post(api, "/attention", photo, got["request"])
+    np.testing.assert_allclose(got["response"]["layers"], direct["layers"], atol=1e-5)
+    d = got["drawn"]
+    assert_drawn(s.pixels("#pane-a figure[data-layer='5'] canvas.heat"), direct["layers"][5], d["width"], d["height"])
+
+
+def test_the_discard_sweep_plays_as_an_animation(tab, api, photo):
+    s = tab.open()
+    s.upload(photo)
+    s.method("rollout-sweep")
+    s.set("discard_ratios", "0,0.5,0.9")
+    s.set("frame_ms", "100")
+    got = s.run()
+    assert got["response"]["discard_ratios"] == [0, 0.5, 0.9]
+    s.page.wait_for_selector("#pane-a[data-frame='1']")  # it plays by itself
+    s.page.wait_for_selector("#pane-a[data-frame='2']")
+    s.page.click("#pane-a .play")
+    assert s.page.get_attribute("#pane-a", "data-playing") == "false"
+    s.page.fill("#pane-a input.frame", "1")  # the frame slider
+    assert s.page.get_attribute("#pane-a", "data-frame") == "1"
+    assert "discard ratio 0.5" in s.page.inner_text("#pane-a .ratio")
+    direct = api_post(api, "/rollout/sweep", photo, got["request"])
+    d = s.last()["drawn"]
+    assert_drawn(s.pixels("#pane-a canvas.heat"), direct["masks"][1], d["width"], d["height"])
+
+
+def test_activation_maximization_shows_live_progress(tab):
+    s = tab.open()
+    # its steps run at the lowest CPU priority: on a busy machine they wait for the CPU
+    s.page.set_default_timeout(3 * TIMEOUT_MS)
+    s.method("activation-max")
+    s.set("steps", "5")
+    s.set("seed", "3")
+    s.page.click("#column-a button.run")
+    # progress while it runs: the step count and the chart move before the answer is there
+    s.page.wait_for_function("() => { const p = document.querySelector('#pane-a');"
+                             " return p.dataset.state !== 'running' || Number(p.dataset.step) >= 2; }")
+    assert s.page.get_attribute("#pane-a", "data-state") == "running", s.page.inner_text("#pane-a .error")
+    assert "/5 · objective" in s.page.inner_text("#pane-a .progress")
+    s.page.wait_for_selector("#pane-a[data-state=done], #pane-a[data-state=error]")
+    assert s.page.get_attribute("#pane-a", "data-state") == "done", s.page.inner_text("#pane-a .error")
+    got = s.last()
+    assert got["request"] == {"model": "deit", "steps": "5", "seed": "3", "format": "json"}
+    assert "Accept: text/event-stream" in got["curl"]
+    assert len(got["response"]["objective"]) == 5
+    np.testing.assert_allclose(got["progress"], got["response"]["objective"], rtol=1e-6)
+    img = s.page.eval_on_selector("#pane-a img.maximized", "i => [i.complete, i.naturalWidth, i.naturalHeight]")
+    assert img == [True, 224, 224]
+    assert Image.open(io.BytesIO(base64.b64decode(got["response"]["image"]))).size == (224, 224)
