@@ -201,7 +201,7 @@ class Column {
     this.pane.id = `pane-${id}`;
     this.view = $(".view", this.root);
     $(".setting-name", this.root).textContent = name;
-    for (const m of state.methods) this.methodSelect.append(el("option", { value: m.name, text: `${m.name} — ${m.summary}` }));
+    for (const m of state.methods) this.methodSelect.append(el("option", { value: m.name, text: m.name, title: m.summary }));
     this.controls = [];
     this.last = null;
     this.stop = () => {};
