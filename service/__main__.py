@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("explain", add_help=False,
                    help="run a method over images, through a server or in process (python -m service explain --help)")
+    sub.add_parser("ray", add_help=False,
+                   help="serve the HTTP API on Ray Serve, locally or on a cluster (pip install .[ray]; python -m service ray --help)")
     s = sub.add_parser("serve", help="serve the HTTP API")
     s.add_argument("--model", dest="models", action="append", metavar="[ALIAS=]SPEC",
                    help="model to serve, repeatable; the first available is the default (env VIT_MODELS)")
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from service import cli
 
         return cli.main(argv[1:])
+    if argv[:1] == ["ray"]:
+        from service import ray_serve
+
+        return ray_serve.main(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     try:

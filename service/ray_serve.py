@@ -1,0 +1,294 @@
+"""The same service on Ray Serve: one Serve replica = one model pool, behind Serve's proxy.
+
+    python -m service ray --model [ALIAS=]SPEC ... --replicas N --host H --port P [--address A]
+    serve run docker/serve-config.yaml            (or serve deploy, on a running cluster)
+
+The only module that imports ray; the plain service (`python -m service serve`) never loads it.
+
+Each replica runs the service's own FastAPI app (service/app.py create_app), built inside the
+replica from the same Settings, so every endpoint, answer, error, the request id, the API key,
+the body and pixel budgets, /metrics and the dynamic batching with its bounded queue are the
+single process's. What this module adds:
+
+- the app's lifespan is entered in the replica (Serve runs an ingress app's lifespan at replica
+  start) and the replica reports itself started only when its models have settled, so Serve
+  never routes to a replica that is still loading (a new or recovering replica joins warm);
+- an X-Replica response header naming the replica that answered;
+- Serve's own request id: the proxy puts X-Request-ID on the request (the client's, else a new
+  UUID) and on the answer, so the replica's copy is dropped from the answer to avoid sending it
+  twice (the replica logs the same id when the client's id is sane);
+- back-pressure at the edge: at most max_ongoing_requests per replica (default two batches),
+  at most max_queued_requests waiting in each proxy (default --max-queue), beyond which Serve
+  answers 503 with Retry-After itself; inside the replica the service's queue still answers
+  503 + Retry-After when its images overflow;
+- placement: num_gpus per replica where the cluster has GPUs (the replica sees only its own GPU
+  as cuda:0), else num_cpus, with torch threads set to those CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import sys
+import threading
+from typing import Any
+
+import ray
+from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+
+log = logging.getLogger("service.ray")
+
+APP_NAME = "vit-explain"
+DEPLOYMENT = "ViTExplain"
+RETRY_AFTER_S = 2  # as service/app.py's 503 answers
+# app_builder's arguments that shape the deployment rather than the service's Settings
+DEPLOYMENT_ARGS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
+                   "max_queued_requests", "num_cpus", "num_gpus")
+
+
+class ReplicaHeader:
+    """Pure ASGI, outermost in the replica's app: X-Replica on every answer; the replica's own
+    X-Request-ID dropped when the request came through Serve's proxy (it adds the id itself)."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.replica = replica.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        proxied = any(k.lower() == b"x-request-id" for k, _ in scope.get("headers", ()))
+
+        async def send_with_replica(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if not (proxied and k.lower() == b"x-request-id")]
+                message = {**message, "headers": [*headers, (b"x-replica", self.replica)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_replica)
+
+
+def _started_when_settled(inner):  # noqa: ANN001, ANN202 - a lifespan context factory
+    """The app's lifespan, whose startup ends only when every model has loaded or failed: Serve
+    marks the replica running (and routes to it) when the ASGI lifespan startup is complete."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):  # noqa: ANN001, ANN202
+        async with inner(app) as state:
+            pool = app.state.ctx.pool
+            while not pool.settled:
+                await asyncio.sleep(0.05)
+            yield state
+
+    return lifespan
+
+
+def _configure_logging(settings: Settings) -> None:
+    """The service's log lines with their request ids, on the replica's stderr (Ray's replica log
+    files); the root logger stays Serve's."""
+    from service.api.middleware import JsonFormatter, RequestIdFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if settings.log_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logger = logging.getLogger("service")
+    logger.handlers[:] = [handler]
+    logger.setLevel(settings.log_level.upper())
+    logger.propagate = False
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress()  # late-bound: the app is built in each replica by __serve_build_asgi_app__
+class ViTExplain:
+    """One replica: the service's app and its model pool, built from the Settings overrides."""
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self.settings = Settings(**overrides)  # the replica's VIT_* environment applies under the overrides
+        self.replica = serve.get_replica_context().replica_tag
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        from service.app import create_app
+
+        _configure_logging(self.settings)
+        app = create_app(self.settings)
+        app.router.lifespan_context = _started_when_settled(app.router.lifespan_context)
+        app.add_middleware(ReplicaHeader, replica=self.replica)
+        log.info("replica %s: %s", self.replica, ", ".join(self.settings.models))
+        return app
+
+
+def _cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def build(
+    overrides: dict[str, Any],
+    *,
+    replicas: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    target_ongoing_requests: float | None = None,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | str | None = "auto",
+):
+    """The Serve application: Settings overrides (as for `python -m service serve`) for every
+    replica, and the deployment's shape. Autoscaling when min_replicas or max_replicas is given
+    (starting at `replicas`), else a fixed `replicas` (default 1)."""
+    overrides = dict(overrides)
+    if "model" in overrides:  # a config file may say model: SPEC for a single model
+        overrides.setdefault("models", [])
+        overrides["models"] = [overrides.pop("model"), *overrides["models"]]
+    settings = Settings(**overrides)  # refuse bad settings here, before any replica starts
+    if num_gpus in (None, "auto"):
+        num_gpus = 1.0 if _cluster_gpus() >= 1 else 0.0
+    num_gpus = float(num_gpus)
+    if num_gpus == 0:
+        # CPU replicas: one engine with the replica's CPUs as torch threads, unless told otherwise
+        num_cpus = 1.0 if num_cpus is None else float(num_cpus)
+        if overrides.get("device", settings.device) == "auto":
+            overrides["device"] = "cpu"
+        overrides.setdefault("replicas_per_device", 1)
+        overrides.setdefault("threads", max(1, math.floor(num_cpus)))
+    else:
+        num_cpus = 1.0 if num_cpus is None else float(num_cpus)  # the replica's event loop, decoding, drawing
+    batch = settings.max_batch_size
+    options: dict[str, Any] = dict(
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        # one batch computing and the next filling; more would only queue inside the replica
+        max_ongoing_requests=max_ongoing_requests or 2 * batch,
+        # bounded waiting at the proxy; past it Serve answers 503 + Retry-After
+        max_queued_requests=max_queued_requests or settings.max_queue,
+        backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
+        # a stopping replica finishes what it accepted (activation maximization included)
+        graceful_shutdown_timeout_s=settings.request_timeout_s + 5,
+    )
+    if min_replicas is not None or max_replicas is not None:
+        lo = 1 if min_replicas is None else min_replicas
+        hi = max(lo, replicas or lo) if max_replicas is None else max_replicas
+        if not 0 <= lo <= hi or hi < 1:
+            raise ValueError(f"need 0 <= min_replicas ({lo}) <= max_replicas ({hi}) and max_replicas >= 1")
+        options["autoscaling_config"] = {
+            "min_replicas": lo, "max_replicas": hi, "initial_replicas": min(max(replicas or lo, lo), hi),
+            # about one full batch waiting or running per replica
+            "target_ongoing_requests": target_ongoing_requests or batch,
+        }
+    else:
+        options["num_replicas"] = replicas or 1
+    return ViTExplain.options(**options).bind(overrides)
+
+
+def app_builder(args: dict[str, Any]):
+    """For a Serve config file: `import_path: service.ray_serve:app_builder` with `args:` the
+    Settings fields (`models: [...]`, `max_batch_size: 16`, ...) and the deployment's shape
+    (`replicas`, `min_replicas`, `max_replicas`, `target_ongoing_requests`, `max_ongoing_requests`,
+    `max_queued_requests`, `num_cpus`, `num_gpus`)."""
+    args = dict(args or {})
+    shape = {k: args.pop(k) for k in DEPLOYMENT_ARGS if k in args}
+    return build(args, **shape)
+
+
+# -- the command --------------------------------------------------------------------------------
+def _own_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: --max-queue must reach the service's flags, not abbreviate --max-queued-requests
+    p = argparse.ArgumentParser(
+        prog="python -m service ray", allow_abbrev=False, add_help=False,
+        description="Serve the HTTP API on Ray Serve: the flags below, and every flag of `python -m service serve` "
+        "(--model, --max-batch-size, --api-key, ...; --host/--port are the Serve proxy's).")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    p.add_argument("--address", help="Ray cluster to join (ray://HOST:10001 or HOST:6379, or env RAY_ADDRESS); "
+                   "default: start a local cluster")
+    p.add_argument("--name", default=APP_NAME, help=f"Serve application name (default {APP_NAME})")
+    p.add_argument("--replicas", type=int, help="replicas (default 1); with autoscaling, the initial number")
+    p.add_argument("--min-replicas", type=int, help="autoscale: fewest replicas")
+    p.add_argument("--max-replicas", type=int, help="autoscale: most replicas")
+    p.add_argument("--target-ongoing-requests", type=float,
+                   help="autoscale: requests per replica to aim for (default --max-batch-size)")
+    p.add_argument("--max-ongoing-requests", type=int, help="requests one replica takes at once (default 2 x --max-batch-size)")
+    p.add_argument("--max-queued-requests", type=int,
+                   help="requests waiting in each proxy before Serve answers 503 + Retry-After (default --max-queue)")
+    p.add_argument("--replica-cpus", type=float, help="CPUs per replica (default 1; on CPU also its torch threads)")
+    p.add_argument("--replica-gpus", type=float, help="GPUs per replica (default 1 where the cluster has GPUs, else 0)")
+    return p
+
+
+def _serve_subparser() -> argparse.ArgumentParser:
+    from service.__main__ import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
+def parse(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any], argparse.Namespace]:
+    """argv -> (Settings overrides, build()'s deployment keywords, the Ray flags)."""
+    own, rest = _own_parser().parse_known_args(argv)
+    if own.help:
+        print(_own_parser().format_help())
+        print("flags of python -m service serve, which apply too:\n")
+        print(_serve_subparser().format_help().split("\n\n", 1)[-1])
+        raise SystemExit(0)
+    served = _serve_subparser().parse_args(rest)
+    overrides = {k: v for k, v in vars(served).items() if v is not None}
+    shape = dict(replicas=own.replicas, min_replicas=own.min_replicas, max_replicas=own.max_replicas,
+                 target_ongoing_requests=own.target_ongoing_requests, max_ongoing_requests=own.max_ongoing_requests,
+                 max_queued_requests=own.max_queued_requests, num_cpus=own.replica_cpus,
+                 num_gpus="auto" if own.replica_gpus is None else own.replica_gpus)
+    return overrides, shape, own
+
+
+def deploy(overrides: dict[str, Any], shape: dict[str, Any], name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """On the connected cluster: start Serve's proxy at --host/--port (when Serve is not running
+    yet), run the application at /, and wait until its replicas are ready. Returns the URL."""
+    settings = Settings(**overrides)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build(overrides, **shape), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{settings.host}:{settings.port}{route_prefix.rstrip('/')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    argv = sys.argv[1:] if argv is None else argv
+    overrides, shape, own = parse(argv)
+    try:
+        Settings(**overrides)
+    except ValidationError as e:
+        print(f"error: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ray.init(address=own.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        try:
+            url = deploy(overrides, shape, own.name)
+        except (ValueError, ValidationError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        status = serve.status().applications[own.name].deployments[DEPLOYMENT]
+        log.info("serving %s at %s: %s; Ctrl-C or SIGTERM stops it", own.name, url, dict(status.replica_states))
+        stop.wait()
+        log.info("stopping: replicas finish what they accepted")
+    finally:
+        with contextlib.suppress(Exception):
+            if own.address:
+                serve.delete(own.name)  # the cluster and its Serve stay; only this application goes
+            else:
+                serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
