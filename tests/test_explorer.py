@@ -235,7 +235,8 @@ def test_the_key_is_asked_for_once_and_sent_on_every_call(browser, server, photo
     assert page.evaluate("sessionStorage.getItem('vit-explain.api-key')") == KEY
     calls = [(u, h) for u, h in s.requests if u.startswith(server.url) and "/explorer/" not in u
              and u.rstrip("/") != server.url]
-    assert {u.removeprefix(server.url) for u, _ in calls} >= {"/models", "/methods", "/models/deit/labels", "/predict", "/rollout"}
+    paths = {u.removeprefix(server.url) for u, _ in calls}
+    assert paths >= {"/models", "/methods", "/models/deit/labels", "/predict", "/rollout"}
     first_with_key = next(i for i, (_, h) in enumerate(calls) if h.get("x-api-key") == KEY)
     assert all(h.get("x-api-key") == KEY for _, h in calls[first_with_key:])
     assert all(h.get("x-api-key") in (None, "wrong", KEY) for _, h in calls)
@@ -252,7 +253,8 @@ def test_the_rollout_overlay_is_the_api_json_mask(tab, api, photo):
     s.set("discard_ratio", "0.5")
     s.set("start_layer", "2")
     got = s.run()
-    assert got["request"] == {"model": "deit", "head_fusion": "mean", "discard_ratio": "0.5", "start_layer": "2", "format": "json"}
+    assert got["request"] == {"model": "deit", "head_fusion": "mean", "discard_ratio": "0.5", "start_layer": "2",
+                              "format": "json"}  # what differs from the defaults, and json to draw
     assert got["response"]["params"] == {"head_fusion": "mean", "discard_ratio": 0.5, "start_layer": 2}
     direct = api_post(api, "/rollout", photo, got["request"])
     np.testing.assert_allclose(got["response"]["mask"], direct["mask"], atol=1e-5)
@@ -301,7 +303,8 @@ def test_the_class_picker_searches_the_labels_and_compare_shows_two_settings(tab
     for col, got in (("a", a), ("b", b)):
         direct = api_post(api, "/grad-rollout", photo, got["request"])
         np.testing.assert_allclose(got["response"]["mask"], direct["mask"], atol=1e-5)
-        assert_drawn(s.pixels(f"#pane-{col} canvas.heat"), direct["mask"], got["drawn"]["width"], got["drawn"]["height"])
+        d = got["drawn"]
+        assert_drawn(s.pixels(f"#pane-{col} canvas.heat"), direct["mask"], d["width"], d["height"])
 
 
 def test_errors_show_the_services_detail(tab, photo):
@@ -315,7 +318,8 @@ def test_errors_show_the_services_detail(tab, photo):
     s.method("rollout")
     s.set("discard_ratio", "1.5")  # a pydantic error list: shown as field: message
     s.run(state="error")
-    assert "discard_ratio" in s.page.inner_text("#pane-a .error") and "less than 1" in s.page.inner_text("#pane-a .error")
+    text = s.page.inner_text("#pane-a .error")
+    assert "discard_ratio" in text and "less than 1" in text
 
 
 def test_the_layer_montage_draws_every_block(tab, api, photo):
