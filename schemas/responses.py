@@ -100,6 +100,7 @@ class ModelInfo(_Out):
     layers: int | None = None
     heads: int | None = None
     head_dim: int | None = None
+    embed_dim: int | None = None
     default: bool = False
 
 

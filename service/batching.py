@@ -95,10 +95,10 @@ class Batcher(Generic[T, R]):
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}") for i in range(len(workers))]
-        # Background batches of a worker run in a thread of its own at the lowest CPU priority, so that on
+        # Background batches of a worker run in a thread of its own at a low CPU priority, so that on
         # shared cores decoding, HTTP and the other replicas' explanations come first.
         self._background_executors = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}-background", initializer=_lowest_cpu_priority)
+            ThreadPoolExecutor(1, thread_name_prefix=f"{name}-{i}-background", initializer=_low_cpu_priority)
             for i in range(len(workers))
         ]
 
@@ -247,12 +247,15 @@ class Batcher(Generic[T, R]):
                     it.future.set_result(out)
 
 
-def _lowest_cpu_priority() -> None:
-    """Lower the calling thread's CPU priority to nice 19 (Linux: a thread is a task; elsewhere a no-op).
+BACKGROUND_NICE = 10  # Linux CFS weight 110 against 1024 at nice 0: about a tenth of a contended core
+
+
+def _low_cpu_priority() -> None:
+    """Lower the calling thread's CPU priority to BACKGROUND_NICE (Linux: a thread is a task; elsewhere a no-op).
 
     Threads it starts (torch's intra-op pool) inherit it. Lowering needs no privilege; raising
     back would, so the background lane has threads of its own."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
     except (AttributeError, OSError):
         pass

@@ -13,14 +13,24 @@ from service.api.deps import Ctx, get_ctx
 router = APIRouter(tags=["service"])
 
 
-@router.api_route("/models", methods=["GET", "HEAD"], response_model=list[rs.ModelInfo], summary="Configured models and their status")
+def get_and_head(path: str, **kwargs):
+    """A GET route that answers HEAD too; only the GET is in OpenAPI (one operation id per path)."""
+
+    def register(endpoint):
+        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+        return router.get(path, **kwargs)(endpoint)
+
+    return register
+
+
+@get_and_head("/models", response_model=list[rs.ModelInfo], summary="Configured models and their status")
 async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
     default = ctx.pool.default
     out = []
     for m in ctx.pool.models.values():
         e = m.engine
         shape = dict(grid=e.grid, classes=len(m.labels), prefix_tokens=e.prefix, layers=e.num_layers,
-                     heads=e.num_heads, head_dim=e.head_dim) if e else {}
+                     heads=e.num_heads, head_dim=e.head_dim, embed_dim=e.shape.embed_dim) if e else {}
         out.append(rs.ModelInfo(
             name=m.name, spec=m.spec.spec, status=m.status, reason=m.reason,
             device=", ".join(str(d) for d in m.devices), replicas=len(m.engines), default=m is default, **shape,
@@ -28,12 +38,12 @@ async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
     return out
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process answers")
+@get_and_head("/healthz", summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
+@get_and_head("/readyz", summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
 async def readyz(ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
     states = {m.name: m.status for m in ctx.pool.models.values()}
     ready = not ctx.draining and ctx.pool.settled and any(s == "ready" for s in states.values())
