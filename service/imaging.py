@@ -239,7 +239,8 @@ def overlay(img: Image.Image, mask: np.ndarray, colormap: str = "jet") -> np.nda
     """The post's heatmap: jet(mask) + image, rescaled so the brightest channel is 1. -> (H, W, 3) uint8.
 
     Two passes over row chunks (the brightest value first, then the pixels), so that besides the
-    image and the uint8 answer only one chunk's float32 temporaries exist at a time.
+    image and the uint8 answer only one chunk's float32 temporaries exist at a time; an image of
+    one chunk (up to CHUNK_PIXELS, e.g. 224 x 224) is computed once and kept between the passes.
     """
     lut = _lut(colormap)
     w, h = img.size
@@ -250,9 +251,14 @@ def overlay(img: Image.Image, mask: np.ndarray, colormap: str = "jet") -> np.nda
             heat += np.divide(np.asarray(img.crop((0, y0, w, y1))), np.float32(255.0), dtype=np.float32)
             yield y0, y1, heat
 
-    peak = max(max((float(cam.max()) for _, _, cam in chunks()), default=0.0), 1e-12)
+    one_chunk = list(chunks()) if w * h <= CHUNK_PIXELS else None
+
+    def passes():
+        return iter(one_chunk) if one_chunk is not None else chunks()
+
+    peak = max(max((float(cam.max()) for _, _, cam in passes()), default=0.0), 1e-12)
     out = np.empty((h, w, 3), np.uint8)
-    for y0, y1, cam in chunks():
+    for y0, y1, cam in passes():
         cam /= peak
         cam *= 255.0
         out[y0:y1] = cam  # truncates, as astype(np.uint8) did
