@@ -25,7 +25,7 @@ Long work (activation maximization) goes in the background lane, one item per se
 a worker takes background items only when no foreground item waits, and at most
 `max(1, workers - 1)` workers run background batches at once, so with two or more replicas one
 is always free for explanations and with one replica an explanation waits at most one step.
-A background batch starts when every open session (`session()`) has submitted its next step, or
+A background batch starts when every open session (`open_session`) has submitted its next step, or
 `max_delay_ms` after the worker became free: concurrent sessions step together.
 """
 
@@ -160,16 +160,23 @@ class Batcher(Generic[T, R]):
         if self._wakeup is not None:
             self._wakeup.set()
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
-        """A background session is open: background batches wait (up to max_delay) for its next step."""
+    def open_session(self, limit: int | None = None) -> Callable[[], None]:
+        """Open a background session (background batches wait up to max_delay for its next step), or
+        QueueFull when `limit` sessions are open. -> its close function, which may be called again."""
+        if limit is not None and self._sessions >= limit:
+            raise QueueFull(f"model {self.name!r} runs {self._sessions} background sessions; try again shortly")
         self._sessions += 1
-        try:
-            yield
-        finally:
-            self._sessions -= 1
-            if self._wakeup is not None:
-                self._wakeup.set()
+        closed = False
+
+        def close() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                self._sessions -= 1
+                if self._wakeup is not None:
+                    self._wakeup.set()
+
+        return close
 
     async def submit(self, payload: T, background: bool = False) -> R:
         """Queue one item and wait for its result (or the exception raised for it).

@@ -65,6 +65,25 @@ def test_a_client_that_leaves_stops_its_maximization_and_explanations_go_on(serv
     assert _wait_for_free_slot(server.url, within_s=3) < 3
 
 
+def test_the_limit_holds_for_simultaneous_requests(server):
+    """The slot is taken when the request is admitted, not when its first step runs (after the
+    upload, its start image, has been decoded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import png_bytes, smooth_image
+
+    start = png_bytes(smooth_image(2, size=(1500, 1500)))  # a decode long enough for the others to arrive
+
+    def one(_):
+        files = {"image": ("x.png", start, "image/png")}
+        return httpx.post(server.url + "/activation-max", files=files, data={"steps": "20", "format": "json"},
+                          timeout=60).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(one, range(4)))
+    assert codes == [200, 503, 503, 503], codes
+
+
 def _png() -> bytes:
     from tests.conftest import png_bytes, smooth_image
 

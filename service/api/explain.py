@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,6 @@ from schemas import responses as rs
 from service import imaging
 from service.api.deps import Ctx, get_ctx
 from service.api.parsing import read_request
-from service.batching import QueueFull
 from service.engine.jobs import Job, Result
 from service.methods import REGISTRY, Method
 from service.pool import ServedModel
@@ -125,9 +125,19 @@ async def maximize(request: Request, ctx: Ctx, method: Method) -> Response:
     """
     params, blobs = await read_request(request, method.Params, max_images=1, image_required=False)
     served = _accepted(method, ctx, params)
+    close = served.batcher.open_session(ctx.settings.max_maximizations)  # 503 past the limit, taken at once
+    try:
+        response = await _maximize(request, ctx, method, params, blobs, served, close)
+    except BaseException:
+        close()
+        raise
+    if not isinstance(response, StreamingResponse):
+        close()  # a stream closes its session itself, when it ends (see _maximize)
+    return response
+
+
+async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, served: ServedModel, close) -> Response:
     shape = served.shape
-    if served.batcher.sessions >= ctx.settings.max_maximizations:
-        raise QueueFull(f"model {served.name!r} runs {served.batcher.sessions} activation maximizations; try again shortly")
     start = None
     if blobs:
         [(_, x)] = await run_in_threadpool(_decode_all, ctx, served, blobs)
@@ -137,15 +147,17 @@ async def maximize(request: Request, ctx: Ctx, method: Method) -> Response:
     deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout_s
 
     async def steps() -> AsyncIterator[tuple[int, float]]:
-        with served.batcher.session():
-            for step in range(params.steps):
-                async with asyncio.timeout_at(deadline):
-                    value = await served.batcher.submit((state, job), background=True)
-                yield step, value
+        for step in range(params.steps):
+            async with asyncio.timeout_at(deadline):
+                value = await served.batcher.submit((state, job), background=True)
+            yield step, value
 
     if "text/event-stream" in request.headers.get("accept", ""):
-        return StreamingResponse(_events(ctx, method, params, state, steps(), shape), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Model": served.name})
+        events = _events(ctx, method, params, state, steps(), shape, close)
+        # The session stays open while the stream runs, and closes when it ends, fails or is
+        # cancelled; a stream that never starts (its client gone first) closes it when collected.
+        weakref.finalize(events, close)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Model": served.name})
 
     async def run() -> None:
         async for _ in steps():
@@ -159,7 +171,7 @@ async def maximize(request: Request, ctx: Ctx, method: Method) -> Response:
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
 
-async def _events(ctx: Ctx, method: Method, params, state, steps: AsyncIterator[tuple[int, float]], shape):
+async def _events(ctx: Ctx, method: Method, params, state, steps: AsyncIterator[tuple[int, float]], shape, close):
     """Server-sent events of a maximization. A client that leaves cancels this generator, and with
     it the step it waits for (Starlette cancels the response when the client disconnects)."""
     try:
@@ -171,6 +183,8 @@ async def _events(ctx: Ctx, method: Method, params, state, steps: AsyncIterator[
         yield _sse("error", {"detail": f"the request took longer than {ctx.settings.request_timeout_s:g} s"})
     except Exception as e:  # noqa: BLE001 - the status line is sent: report the failure in the stream
         yield _sse("error", {"detail": str(e) or type(e).__name__})
+    finally:
+        close()
 
 
 def _sse(event: str, data: dict) -> str:
