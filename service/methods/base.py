@@ -14,7 +14,6 @@ all come from REGISTRY; the engine runs whatever the jobs of a batch declare.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -201,10 +200,6 @@ class Method:
 
 def predictions(r: Result, shape: ModelShape) -> list[dict[str, Any]]:
     return [{"class_id": p.class_id, "label": shape.labels[p.class_id], "score": p.score} for p in r.predictions]
-
-
-def rows(tensors: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
-    return [t[list(idx)] for t in tensors]
 
 
 # -- the registry -----------------------------------------------------------------------------
