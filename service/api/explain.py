@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
@@ -157,7 +158,8 @@ async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, s
         # The session stays open while the stream runs, and closes when it ends, fails or is
         # cancelled; a stream that never starts (its client gone first) closes it when collected.
         weakref.finalize(events, close)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Model": served.name})
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Model": served.name})
 
     async def run() -> None:
         async for _ in steps():
@@ -176,7 +178,7 @@ async def _events(ctx: Ctx, method: Method, params, state, steps: AsyncIterator[
     it the step it waits for (Starlette cancels the response when the client disconnects)."""
     try:
         async for step, value in steps:
-            yield _sse("progress", {"step": step, "objective": value})
+            yield _sse("progress", {"step": step, "objective": value if math.isfinite(value) else None})
         answer = await run_in_threadpool(method.to_json, params, method.result(state), shape)
         yield _sse("result", answer)
     except TimeoutError:
