@@ -18,7 +18,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Fusion = Literal["mean", "max", "min"]
-FUSIONS: tuple[Fusion, ...] = ("mean", "max", "min")
 Format = Literal["png", "json"]
 
 # Fields of every request that are about the request, not the method: never part of a job's key

@@ -158,13 +158,7 @@ class Local:
             raise Refused(REFUSED, f"{image or method.name}: {e}") from None
         job = method.job(p)
         if method.iterative:
-            start = None
-            if img is not None:
-                x = self.preprocess(img)
-                import torch
-
-                mean, std = (torch.tensor(v)[:, None, None] for v in (shape.mean, shape.std))
-                start = (x * std + mean).clamp(0.0, 1.0)
+            start = shape.to_pixels(self.preprocess(img)) if img is not None else None
             state = method.start(p, start, shape)
             for step in range(p.steps):
                 (value,) = self.engine.step([state], [job])

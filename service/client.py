@@ -106,14 +106,18 @@ def _field(v: Any) -> str:
     return str(v)
 
 
+def _fields(params: dict[str, Any], fmt: str) -> dict[str, str]:
+    """The form fields of a call: the parameters given (None: the service's default), and the format."""
+    return {k: _field(v) for k, v in params.items() if v is not None} | {"format": fmt}
+
+
 class _Methods:
     """Every method of the service, once; `_send` (sync or async) does the HTTP."""
 
     def _call(self, path: str, images: Images | None, fmt: str, **params: Any):
         many = isinstance(images, (list, tuple))
         given = list(images) if many else ([] if images is None else [images])
-        fields = {k: _field(v) for k, v in params.items() if v is not None}
-        fields["format"] = "json" if many else fmt
+        fields = _fields(params, "json" if many else fmt)
         return self._send(_Call(path, fields, [encode_image(i) for i in given], fields["format"], many))
 
     def rollout(self, images: Images, *, head_fusion: str | None = None, discard_ratio: float | None = None,
@@ -164,14 +168,14 @@ class _Methods:
         """-> Maximized. With on_progress(step, objective), the progress streams as server-sent events."""
         params = dict(target=target, category_id=category_id, layer=layer, head=head, channel=channel, steps=steps,
                       lr=lr, seed=seed, l2_weight=l2_weight, jitter=jitter, tv_weight=tv_weight, model=model)
-        fields = {k: _field(v) for k, v in params.items() if v is not None} | {"format": "json"}
+        fields = _fields(params, "json")
         call = _Call("/activation-max", fields, [] if image is None else [encode_image(image)], "json", False)
         return self._send(call) if on_progress is None else self._send_stream(call, on_progress)
 
     def request(self, path: str, image: ImageLike | None = None, *, format: str = "json", **params: Any):
         """Any method by its path, for one image (or none): -> the answer's bytes as they came (JSON text,
         PNG, GIF). The command line uses it; the typed calls above are nicer to program with."""
-        fields = {k: _field(v) for k, v in params.items() if v is not None} | {"format": format}
+        fields = _fields(params, format)
         return self._send(_Call(path, fields, [] if image is None else [encode_image(image)], format, False, raw=True))
 
     # -- parsing, shared ------------------------------------------------------------------------

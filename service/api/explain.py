@@ -15,7 +15,6 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -142,8 +141,7 @@ async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, s
     start = None
     if blobs:
         [(_, x)] = await run_in_threadpool(_decode_all, ctx, served, blobs)
-        mean, std = (torch.tensor(v)[:, None, None] for v in (shape.mean, shape.std))
-        start = (x * std + mean).clamp(0.0, 1.0)  # back to pixel values in [0, 1], at the input size
+        start = shape.to_pixels(x)  # the upload at the input size, as pixel values in [0, 1]
     state, job = method.start(params, start, shape), method.job(params)
     deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout_s
 

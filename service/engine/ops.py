@@ -16,13 +16,11 @@ import functools
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import numpy as np
 import torch
 
-Fusion = Literal["mean", "max", "min"]
-FUSIONS: tuple[Fusion, ...] = ("mean", "max", "min")
+from schemas.requests import Fusion  # the one declaration of the head fusions
 
 
 _FUSE = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}

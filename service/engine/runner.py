@@ -90,12 +90,10 @@ class Engine:
         """
         needs = [j.method.needs(j.params, self.shape) for j in jobs]
         x = self._to_device(pixels).detach().requires_grad_(True)
-        mean = torch.tensor(self.shape.mean, device=x.device, dtype=x.dtype)[:, None, None]
-        std = torch.tensor(self.shape.std, device=x.device, dtype=x.dtype)[:, None, None]
         qk = frozenset().union(*(n.qk for n in needs))
         features = frozenset().union(*(n.features for n in needs))
         with torch.enable_grad(), capture(qk_layers=qk, feature_layers=features) as store:
-            logits = self.model((x - mean) / std)
+            logits = self.model(self.shape.normalize(x))
             value = torch.zeros(len(jobs), device=x.device)
             loss = torch.zeros(len(jobs), device=x.device)
             for idx in _group(jobs).values():

@@ -131,9 +131,7 @@ class ActivationMax(Method):
             value = t[:, p.head, shape.prefix :, p.channel].mean(dim=1)
         penalty = torch.zeros_like(value)
         if p.l2_weight:
-            mean = torch.tensor(shape.mean, device=x.device, dtype=x.dtype)[:, None, None]
-            std = torch.tensor(shape.std, device=x.device, dtype=x.dtype)[:, None, None]
-            penalty = penalty + p.l2_weight * ((x - mean) / std).pow(2).mean(dim=(1, 2, 3))
+            penalty = penalty + p.l2_weight * shape.normalize(x).pow(2).mean(dim=(1, 2, 3))
         if p.tv_weight:
             penalty = penalty + p.tv_weight * total_variation(x)
         return value, penalty

@@ -57,6 +57,21 @@ class ModelShape:
     def classes(self) -> int:
         return len(self.labels)
 
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, device=like.device, dtype=like.dtype)[:, None, None]
+        std = torch.tensor(self.std, device=like.device, dtype=like.dtype)[:, None, None]
+        return mean, std
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) pixel values in [0, 1] -> the model's input: (x - mean) / std."""
+        mean, std = self._stats(pixels)
+        return (pixels - mean) / std
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse: a preprocessed (..., 3, H, W) input -> pixel values, clamped to [0, 1]."""
+        mean, std = self._stats(x)
+        return (x * std + mean).clamp(0.0, 1.0)
+
 
 # -- what a method needs from the pass ----------------------------------------------------------
 @dataclass(frozen=True)
