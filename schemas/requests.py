@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Fusion = Literal["mean", "max", "min"]
 Format = Literal["png", "json"]
+# Overlays and montages are photographs: JPEG and WebP are a fraction of a PNG's size and time.
+PictureFormat = Literal["png", "jpeg", "webp", "json"]
+MAX_SIDE = 16384  # the largest max_side accepted: beyond any upload the pixel limit lets through
 
 # Fields of every request that are about the request, not the method: never part of a job's key
 # and not echoed in `params` of the answers.
@@ -42,6 +45,12 @@ class Params(BaseModel):
 def fmt(default: str = "png", doc: str = "png: heatmap over the uploaded image; json: the raw map") -> Any:
     """The `format` field; several images are always answered as JSON."""
     return Field(default, description=f"{doc} (always json for several images)")
+
+
+def max_side(default: int = 1024) -> Any:
+    """The `max_side` field of answers drawn over the upload."""
+    return Field(default, ge=0, le=MAX_SIDE, description="longest side of the picture answer in pixels "
+                 "(the upload is never enlarged); 0 keeps the upload's size")
 
 
 def below(bound: Bound, default: Any = ..., description: str = "") -> Any:

@@ -146,26 +146,31 @@ class Local:
         self.preprocess = models.Preprocess.from_model(model)
 
     def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress) -> bytes:
+        import torch
+
         from service import imaging
+        from service.engine import ops
         from service.methods.base import InvalidParams
 
         shape = self.engine.shape
         try:
             p = method.Params(**params, format=fmt) if "format" in method.Params.model_fields else method.Params(**params)
             method.check(p, shape)
-            img = imaging.decode(image.read_bytes(), 40_000_000) if image else None
+            target = self.preprocess.target(method.canvas(p))
+            decoded = imaging.prepare(image.read_bytes(), 40_000_000, target) if image else None
         except (InvalidParams, imaging.ImageError) as e:
             raise Refused(REFUSED, f"{image or method.name}: {e}") from None
+        img = decoded.canvas if decoded is not None else None
         job = method.job(p)
         if method.iterative:
-            start = shape.to_pixels(self.preprocess(img)) if img is not None else None
+            start = ops.unit_pixels(decoded.pixels) if decoded is not None else None
             state = method.start(p, start, shape)
             for step in range(p.steps):
                 (value,) = self.engine.step([state], [job])
                 progress(step, value)
             result = method.result(state)
         else:
-            (result,) = self.engine.run(self.preprocess(img)[None], [job])
+            (result,) = self.engine.run(torch.from_numpy(decoded.pixels)[None], [job])
         if fmt == "json":
             return json.dumps(method.to_json(p, result, shape)).encode()
         return method.render(p, img, result, shape)[0]

@@ -15,6 +15,8 @@ from PIL import Image
 from timm.data import ImageNetInfo
 from torch import nn
 
+from service import imaging
+
 log = logging.getLogger(__name__)
 
 _SOURCES = ("hf-hub:", "local-dir:")
@@ -59,7 +61,10 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Whole image -> (3, H, W) float32: squash-resize to the input size (no crop), scale, normalise."""
+    """The model's input from its own config: squash-resize to the input size (no crop), then
+    scale and normalise. The resize runs where the upload is decoded (service/imaging.py: uint8
+    at the input size); the scaling and normalisation run batched on the model's device
+    (ModelShape.normalize, service/engine/runner.py)."""
 
     size: tuple[int, int]  # (H, W)
     mean: tuple[float, ...]
@@ -72,13 +77,17 @@ class Preprocess:
         _, h, w = cfg["input_size"]
         return cls(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"])
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        h, w = self.size
-        resample = _INTERPOLATIONS.get(self.interpolation, Image.Resampling.BICUBIC)
-        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even an RGB image
-        arr = np.asarray(rgb.resize((w, h), resample=resample), dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # (3, H, W)
+    @property
+    def resample(self) -> Image.Resampling:
+        return _INTERPOLATIONS.get(self.interpolation, Image.Resampling.BICUBIC)
+
+    def target(self, canvas: int | None = None) -> imaging.Target:
+        """What decoding must produce for this model (and an answer drawn at `canvas`)."""
+        return imaging.Target(input_size=self.size, resample=self.resample, canvas=canvas)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """Whole RGB image -> (H, W, 3) uint8 at the input size."""
+        return imaging.to_input(img if img.mode == "RGB" else img.convert("RGB"), self.size, self.resample)
 
 
 def class_labels(model: nn.Module) -> list[str]:

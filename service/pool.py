@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import huggingface_hub
+import numpy as np
 import torch
 
 from service import models
@@ -28,7 +29,7 @@ from service.methods import ModelShape
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "unavailable"]
-# (preprocessed image (3, H, W), job) for explanations; (the method's state, job) for the steps of iterative methods
+# (the image as uint8 (H, W, 3) at the model's input size, job) for explanations; (the method's state, job) for the steps of iterative methods
 Item = tuple[object, Job]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,7 +132,7 @@ class ServedModel:
             jobs = [j for _, j in items]
             if jobs[0].method.iterative:
                 return engine.step([state for state, _ in items], jobs)
-            return engine.run(torch.stack([x for x, _ in items]), jobs)
+            return engine.run(torch.from_numpy(np.stack([x for x, _ in items])), jobs)  # (B, H, W, 3) uint8
 
         return lambda items: isolate_failures(run, items)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.engine.runner import Engine
 from service.models import ModelSpec, Preprocess, class_labels
 from tests import reference as ref
 from tests.conftest import make_model, smooth_image
@@ -32,7 +33,14 @@ def test_preprocess_squashes_the_whole_image_with_the_models_statistics(models):
     assert pre.size == (224, 224) and pre.interpolation == "bicubic"
     assert np.allclose(pre.mean, (0.485, 0.456, 0.406))
     img = smooth_image(3, (320, 200))
-    torch.testing.assert_close(pre(img), ref.preprocess(img, m), atol=1e-5, rtol=0)
+    pixels = pre(img)  # the resize, where the upload is decoded: uint8 at the input size
+    assert pixels.dtype == np.uint8 and pixels.shape == (224, 224, 3)
+    # scaling and normalisation, batched on the model's device: the same float32 operations as
+    # torchvision's ToTensor + Normalize, so the same values to the last bit
+    engine = Engine(m, torch.device("cpu"))
+    x = engine.prepare(torch.from_numpy(np.stack([pixels, pixels])))
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    torch.testing.assert_close(x[1], ref.preprocess(img, m), atol=0, rtol=0)
 
 
 def test_labels_fall_back_from_config_to_imagenet_to_numbers():

@@ -23,32 +23,29 @@ from starlette.concurrency import run_in_threadpool
 from schemas import responses as rs
 from service import imaging
 from service.api.deps import Ctx, get_ctx
-from service.api.parsing import read_request
+from service.api.parsing import admit_images, read_request
+from service.engine import ops
 from service.engine.jobs import Job, Result
 from service.methods import REGISTRY, Method
 from service.pool import ServedModel
 
 router = APIRouter(tags=["explain"])
 
-MEDIA = {"png": "image/png", "apng": "image/png", "gif": "image/gif", "json": "application/json"}
-
-
 class ClientGone(Exception):
     """The caller disconnected before its answer was ready; its work was dropped."""
 
 
 # -- stages -----------------------------------------------------------------------------------
-def _decode_all(ctx: Ctx, served: ServedModel, blobs: list[bytes]):
-    """Bytes -> [(RGB image at its own size, preprocessed tensor)]; errors name the image."""
+def _decode_all(ctx: Ctx, target: imaging.Target, blobs: list[bytes]) -> list[imaging.Decoded]:
+    """Bytes -> each upload at the model's input size (uint8) and its canvas; errors name the image."""
     out = []
     for i, data in enumerate(blobs):
         try:
-            img = imaging.decode(data, ctx.settings.max_pixels)
+            out.append(imaging.prepare(data, ctx.settings.max_pixels, target))
         except imaging.ImageError as e:
             if len(blobs) > 1:
                 raise type(e)(f"image {i}: {e}") from None
             raise
-        out.append((img, served.preprocess(img)))
     return out
 
 
@@ -70,16 +67,17 @@ async def _unless_gone(request: Request, work: asyncio.Future) -> Any:
         watcher.cancel()
 
 
-async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, blobs: list[bytes]):
+async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, blobs: list[bytes],
+                   target: imaging.Target):
     with served.batcher.arriving(len(blobs)):  # a free worker waits for these rather than start without them
-        decoded = await run_in_threadpool(_decode_all, ctx, served, blobs)
-        submits = [asyncio.ensure_future(served.batcher.submit((x, job))) for _, x in decoded]
+        decoded = await run_in_threadpool(_decode_all, ctx, target, blobs)
+        submits = [asyncio.ensure_future(served.batcher.submit((d.pixels, job))) for d in decoded]
     try:
         results = await _unless_gone(request, asyncio.gather(*submits))
     finally:
         for t in submits:
             t.cancel()
-    return [img for img, _ in decoded], results
+    return [d.canvas for d in decoded], results
 
 
 def _accepted(method: Method, ctx: Ctx, params: BaseModel) -> ServedModel:
@@ -93,8 +91,11 @@ async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
     params, blobs = await read_request(request, method.Params, ctx.settings.max_images)
     served = _accepted(method, ctx, params)
     shape = served.shape
+    # several images are answered as JSON: only a single image's answer may draw a picture
+    target = served.preprocess.target(method.canvas(params) if len(blobs) == 1 else None)
+    await admit_images(request, blobs, target, method.frames(params))
     async with asyncio.timeout(ctx.settings.request_timeout_s):
-        images, results = await _compute(ctx, request, served, method.job(params), blobs)
+        images, results = await _compute(ctx, request, served, method.job(params), blobs, target)
     if len(results) > 1:
         return JSONResponse({"model": served.name, "results": [method.to_json(params, r, shape) for r in results]})
     (img,), (result,) = images, results
@@ -140,8 +141,10 @@ async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, s
     shape = served.shape
     start = None
     if blobs:
-        [(_, x)] = await run_in_threadpool(_decode_all, ctx, served, blobs)
-        start = shape.to_pixels(x)  # the upload at the input size, as pixel values in [0, 1]
+        target = served.preprocess.target()
+        await admit_images(request, blobs, target)
+        [decoded] = await run_in_threadpool(_decode_all, ctx, target, blobs)
+        start = ops.unit_pixels(decoded.pixels)  # the upload at the input size, as pixel values in [0, 1]
     state, job = method.start(params, start, shape), method.job(params)
     deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout_s
 
@@ -225,7 +228,7 @@ def _body(method: Method) -> dict:
     ok: dict = {"application/json": {"schema": {"anyOf": [_schema(method.Response), _schema(rs.MultiResponse)]}}}
     for fmt in method.formats:
         if fmt != "json":
-            ok[MEDIA[fmt]] = {"schema": {"type": "string", "format": "binary"}}
+            ok[imaging.MEDIA_TYPES[fmt]] = {"schema": {"type": "string", "format": "binary"}}
     if method.iterative:
         ok["text/event-stream"] = {"schema": {"type": "string"}}
     return {

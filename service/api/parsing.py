@@ -2,6 +2,7 @@
 
 multipart/form-data: one or more file parts named `image`, the parameters as form fields.
 application/json: {"image": "<base64>" or ["<base64>", ...], ...parameters}.
+image/jpeg, image/png, image/webp, ...: the body is one image, the parameters are in the query string.
 Every way a body can be wrong ends here as a ClientError with the status to answer; the limits
 that bound what a body can cost are in service/api/limits.py.
 """
@@ -31,19 +32,30 @@ class ClientError(ValueError):
         self.status = status
 
 
+# Raw bodies: the image itself, with the parameters in the query string (services that send one
+# image and want no multipart encoding). The declared type must name a format the service decodes.
+RAW_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff"})
+
+
 async def read_request(
     request: Request, params_cls: type[P], max_images: int, image_required: bool = True
 ) -> tuple[P, list[bytes]]:
-    """Parse, validate, and admit: every image's header is checked (format, frame size, decode
-    cost) and the request's pixels are taken from the service's budget before anything is
-    decoded, so nothing is decoded for a request that would be refused."""
+    """Parse and validate: the body (multipart, JSON or a raw image) -> (parameters, image bytes).
+    Nothing is decoded here; `admit_images` checks the images' headers and budgets them."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "" and ctype not in RAW_TYPES and request.url.query:
+        # never ignored in silence: a parameter there would otherwise be dropped, its default used
+        raise ClientError(422, "the query string carries parameters only with a raw image body; "
+                               "send them as form fields or JSON members")
     if ctype == "multipart/form-data":
         fields, images = await _multipart(request, max_images)
     elif ctype == "application/json":
         fields, images = await _json(request, max_images)
+    elif ctype in RAW_TYPES:
+        fields, images = await _raw(request)
     else:
-        raise ClientError(415, f"send multipart/form-data or application/json, not {safe_text(ctype, 80) or 'no content type'!r}")
+        raise ClientError(415, f"send multipart/form-data, application/json or the image itself "
+                               f"({', '.join(sorted(RAW_TYPES))}), not {safe_text(ctype, 80) or 'no content type'!r}")
     if not images and image_required:
         raise RequestValidationError([{"type": "missing", "loc": ("body", "image"), "msg": "Field required", "input": None}])
     if len(images) > max_images:
@@ -51,23 +63,20 @@ async def read_request(
     try:
         params = params_cls.model_validate(fields)
     except ValidationError as e:
+        where = "query" if ctype in RAW_TYPES else "body"
         raise RequestValidationError(
-            [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
+            [{**err, "loc": (where, *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
         ) from None
-    # A method that draws one full-size picture per item of `discard_ratios` (the sweeps) holds
-    # that many frames at once: each counts against the pixel budget like another image.
-    drawn = getattr(params, "format", "json") != "json"
-    frames = 1 + (len(getattr(params, "discard_ratios", None) or ()) if drawn else 0)
-    await admit_images(request, images, frames)
     return params, images
 
 
-async def admit_images(request: Request, images: list[bytes], frames: int = 1) -> None:
+async def admit_images(request: Request, images: list[bytes], target: imaging.Target, frames: int = 1) -> None:
     """Check every image's header in a worker thread (ImageError as decoding would raise it,
-    naming the image when there are several), then take their pixels from the budget shared by
-    all requests (wait, or Busy -> 503); the middleware gives them back when the request ends."""
+    naming the image when there are several), then take from the budget shared by all requests
+    the pixels that decoding for `target` and drawing `frames` pictures will really hold (wait,
+    or Busy -> 503); the middleware gives them back when the request ends."""
     ctx = getattr(request.app.state, "ctx", None)
-    if ctx is None:
+    if ctx is None or not images:
         return
     max_pixels = ctx.settings.max_pixels
 
@@ -75,16 +84,15 @@ async def admit_images(request: Request, images: list[bytes], frames: int = 1) -
         total = 0
         for i, data in enumerate(images):
             try:
-                w, h = imaging.inspect(data, max_pixels)
+                total += imaging.cost(data, max_pixels, target, frames)
             except imaging.ImageError as e:
                 if len(images) > 1:
                     raise type(e)(f"image {i}: {e}") from None
                 raise
-            total += w * h
         return total
 
     pixels = await run_in_threadpool(inspect_all)
-    await guards_for(request.app).take_pixels(pixels * frames)
+    await guards_for(request.app).take_pixels(pixels)
 
 
 async def _multipart(request: Request, max_images: int) -> tuple[dict[str, Any], list[bytes]]:
@@ -120,3 +128,19 @@ async def _json(request: Request, max_images: int) -> tuple[dict[str, Any], list
         return await run_in_threadpool(parse_json_body, body, max_images)
     except BodyError as e:
         raise ClientError(e.status, str(e)) from None
+
+
+async def _raw(request: Request) -> tuple[dict[str, Any], list[bytes]]:
+    """The body is the image; the parameters come from the query string, each at most once."""
+    fields: dict[str, Any] = {}
+    items = request.query_params.multi_items()
+    if len(items) > MAX_FIELDS:
+        raise ClientError(400, f"more than {MAX_FIELDS} query parameters")
+    for key, value in items:
+        if key == "image":
+            raise ClientError(422, "with a raw image body the image is the body: `image` cannot be a query parameter")
+        if key in fields:
+            raise ClientError(422, f"query parameter {safe_text(repr(key), 80)} is given more than once")
+        fields[key] = value
+    body = await request.body()  # bounded by the middleware's limit
+    return fields, [body] if body else []

@@ -139,3 +139,8 @@ def rollout(fused: Sequence[torch.Tensor], discard_ratio: float, prefix: int, gr
     """
     weights = [discard_lowest(f, discard_ratio) for f in fused]
     return normalize_max(patch_map(rollout_row(weights), prefix, grid))
+
+
+def unit_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 pixel values in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)

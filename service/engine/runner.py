@@ -58,19 +58,35 @@ class Engine:
 
     # -- public -----------------------------------------------------------------------------
     def run(self, images: torch.Tensor, jobs: Sequence[Job]) -> list[Result]:
-        """images (B, 3, H, W) float32, preprocessed, on any device; jobs[i] is image i's request."""
+        """jobs[i] is image i's request. images, on any device, either
+        (B, H, W, 3) uint8 pixels at the input size, as decoding makes them (`prepare` turns them
+        into the model's input on the model's device, the whole batch at once), or
+        (B, 3, H, W) float, the model's input already (scaled and normalised)."""
         if images.shape[0] != len(jobs):
             raise ValueError(f"{images.shape[0]} images for {len(jobs)} jobs")
+        x = self.prepare(images)
         needs = [j.method.needs(j.params, self.shape) for j in jobs]
         results: list[Result | None] = [None] * len(jobs)
         grad_idx = [i for i, n in enumerate(needs) if n.grad]
         plain_idx = [i for i, n in enumerate(needs) if not n.grad]
         for idx, runner in ((plain_idx, self._run_plain), (grad_idx, self._run_grad)):
             if idx:
-                x = self._to_device(images[idx] if len(idx) < len(jobs) else images)
-                for i, r in zip(idx, runner(x, [jobs[i] for i in idx], [needs[i] for i in idx])):
+                part = x[idx] if len(idx) < len(jobs) else x
+                for i, r in zip(idx, runner(part, [jobs[i] for i in idx], [needs[i] for i in idx])):
                     results[i] = r
         return results  # type: ignore[return-value]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 pixels -> (B, 3, H, W) the model's input on its device and in its dtype:
+        one copy to the device (pinned and non-blocking on CUDA), then x / 255, (x - mean) / std there
+        (the same float32 operations, in the same order, as torchvision's ToTensor and Normalize).
+        A float tensor is taken as the model's input already and only moved."""
+        if images.dtype != torch.uint8:
+            return self._to_device(images)
+        if self.device.type == "cuda" and images.device.type == "cpu":
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        pixels = images.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        return self.shape.normalize(pixels).to(self.dtype)
 
     def warmup(self, jobs: Sequence[Job] | None = None, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run these jobs (default: both passes, rollout and gradient rollout) once, so that the first
@@ -78,7 +94,7 @@ class Engine:
         h, w = self.input_size
         jobs = jobs or [job("rollout"), job("grad-rollout", category_id=0)]
         for b in batch_sizes:
-            x = torch.zeros(b, 3, h, w)
+            x = torch.zeros(b, h, w, 3, dtype=torch.uint8)
             for j in jobs:
                 self.run(x, [j] * b)
 

@@ -23,7 +23,7 @@ class AttentionParams(rq.Params):
         0, description="head index (0 <= head < heads), or mean|max|min over heads",
         json_schema_extra={"x-below": "heads"},
     )
-    format: rq.Format = rq.fmt(doc="png: one overlay tile per block; json: the raw maps")
+    format: rq.PictureFormat = rq.fmt(doc="png, jpeg or webp: one overlay tile per block; json: the raw maps")
 
 
 def class_attention(cls_rows: list[torch.Tensor], head: int | rq.Fusion, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -50,3 +50,6 @@ class LayerAttention(Method):
 
     def draw(self, p: AttentionParams, img: Image.Image, r: Result, shape: ModelShape) -> np.ndarray:
         return imaging.montage(img, r.maps)
+
+    def canvas(self, p: AttentionParams) -> int | None:
+        return None if p.format == "json" else imaging.TILE  # the tiles' size: the upload is never needed larger

@@ -6,7 +6,7 @@ A method is one module that declares, once:
     needs      what it needs from the forward pass (`Needs`)
     compute    its pure batched computation over what the pass captured
     to_json    its JSON answer
-    draw       its picture (a PNG; `render` for other formats such as animations)
+    draw       its picture (encoded by `render`; `render` itself for animations)
 
 and registers itself with `@register`. Routes, model-dependent range checks and `GET /methods`
 all come from REGISTRY; the engine runs whatever the jobs of a batch declare.
@@ -15,7 +15,7 @@ all come from REGISTRY; the engine runs whatever the jobs of a batch declare.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ class Method:
     summary: ClassVar[str]
     Params: ClassVar[type[Params]]
     Response: ClassVar[type[BaseModel]]
-    formats: ClassVar[tuple[str, ...]] = ("png", "json")
+    formats: ClassVar[tuple[str, ...]] = ("json",)  # set by `register` from Params' `format` (default first)
     image: ClassVar[Literal["required", "optional"]] = "required"
     # Parameters that may differ between images computed together (e.g. category_id, which acts
     # through each image's own backward pass): left out of the group key.
@@ -204,8 +204,19 @@ class Method:
         raise NotImplementedError
 
     def render(self, p: Params, img: Image.Image, r: Result, shape: ModelShape) -> tuple[bytes, str]:
-        """The picture answer and its media type."""
-        return imaging.encode_png(self.draw(p, img, r, shape)), "image/png"
+        """The picture answer in the requested format (png, jpeg or webp) and its media type."""
+        return imaging.encode(self.draw(p, img, r, shape), p.format), imaging.MEDIA_TYPES[p.format]
+
+    def canvas(self, p: Params) -> int | None:
+        """The picture this answer draws over the upload: None for none (JSON, or a picture not
+        of the upload), else the longest side it is drawn at (0: the upload's own size). Decoding
+        makes the upload at this size (`img` of draw/render), never larger."""
+        side = getattr(p, "max_side", None)
+        return None if side is None or getattr(p, "format", "json") == "json" else side
+
+    def frames(self, p: Params) -> int:
+        """How many pictures of the canvas's size the answer holds at once (the pixel budget)."""
+        return 1
 
     # -- description -----------------------------------------------------------------------------
     def info(self) -> rs.MethodInfo:
@@ -225,6 +236,10 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: one instance of the method in REGISTRY, under its name."""
     if cls.name in REGISTRY:
         raise ValueError(f"method {cls.name!r} is registered twice")
+    fmt = cls.Params.model_fields.get("format")
+    cls.formats = tuple(get_args(fmt.annotation)) if fmt is not None else ("json",)  # declared once, in Params
+    if fmt is not None and fmt.default != cls.formats[0]:
+        raise ValueError(f"method {cls.name!r}: the default format must come first in its Literal")
     REGISTRY[cls.name] = cls()
     return cls
 

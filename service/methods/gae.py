@@ -21,7 +21,8 @@ from service.methods.rollout import MaskMethod
 class GAEParams(rq.Params):
     category_id: int = rq.below("classes", description="class to explain")
     start_layer: int = rq.start_layer()
-    format: rq.Format = rq.fmt()
+    format: rq.PictureFormat = rq.fmt(doc="png, jpeg or webp: heatmap over the uploaded image; json: the raw map")
+    max_side: int = rq.max_side()
 
 
 def gae_row(attn: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,8 @@ class GradRolloutParams(rq.Params):
     head_fusion: rq.Fusion = rq.head_fusion("mean")
     discard_ratio: float = rq.discard_ratio("weights")
     start_layer: int = rq.start_layer()
-    format: rq.Format = rq.fmt()
+    format: rq.PictureFormat = rq.fmt(doc="png, jpeg or webp: heatmap over the uploaded image; json: the raw map")
+    max_side: int = rq.max_side()
 
 
 def weights(attn: list[torch.Tensor], grads: list[torch.Tensor], fusion: rq.Fusion) -> list[torch.Tensor]:

@@ -20,7 +20,6 @@ class Predict(Method):
     summary = "Top-5 classes"
     Params = PredictParams
     Response = rs.PredictResponse
-    formats = ("json",)
 
     def to_json(self, p: PredictParams, r: Result, shape: ModelShape) -> dict[str, Any]:
         return {"model": shape.name, "predictions": predictions(r, shape)}

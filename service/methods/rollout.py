@@ -25,7 +25,8 @@ class RolloutParams(rq.Params):
     head_fusion: rq.Fusion = rq.head_fusion("max")
     discard_ratio: float = rq.discard_ratio("attentions")
     start_layer: int = rq.start_layer()
-    format: rq.Format = rq.fmt()
+    format: rq.PictureFormat = rq.fmt(doc="png, jpeg or webp: heatmap over the uploaded image; json: the raw map")
+    max_side: int = rq.max_side()
 
 
 class MaskMethod(Method):

@@ -27,7 +27,6 @@ DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 MAX_RATIOS = 64
 
 SweepFormat = Literal["gif", "apng", "json"]
-MEDIA = {"gif": "image/gif", "apng": "image/png"}
 
 
 def _ratios(v: Any) -> Any:
@@ -43,6 +42,7 @@ class _SweepFields(rq.Params):
         description="discard ratios, each 0 <= r < 1, in frame order: a JSON list or a comma-separated form field",
     )
     frame_ms: int = Field(500, ge=20, le=10_000, description="duration of each frame of the animation, in ms")
+    max_side: int = rq.max_side()
     format: SweepFormat = Field("gif", description="gif or apng: animated heatmaps labelled with their ratio; json: one mask per ratio (always json for several images)")
 
     _split = field_validator("discard_ratios", mode="before")(_ratios)
@@ -74,7 +74,6 @@ def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, g
 
 class _Sweep(Method):
     Response = rs.SweepResponse
-    formats = ("gif", "apng", "json")
     of: str  # the method swept
 
     def to_json(self, p: _SweepFields, r: Result, shape: ModelShape) -> dict[str, Any]:
@@ -86,7 +85,10 @@ class _Sweep(Method):
         buf = imaging.DeadlineBuffer()  # the encode stops at the request's deadline too
         fmt = "GIF" if p.format == "gif" else "PNG"
         frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=p.frame_ms, loop=0)
-        return buf.getvalue(), MEDIA[p.format]
+        return buf.getvalue(), imaging.MEDIA_TYPES[p.format]
+
+    def frames(self, p: _SweepFields) -> int:
+        return len(p.discard_ratios)
 
 
 def _label(arr: np.ndarray, text: str) -> Image.Image:
