@@ -25,7 +25,7 @@ MAX_SIDE = 16384  # the largest max_side accepted: beyond any upload the pixel l
 
 # Fields of every request that are about the request, not the method: never part of a job's key
 # and not echoed in `params` of the answers.
-REQUEST_FIELDS = frozenset({"model", "format"})
+REQUEST_FIELDS = frozenset({"model", "format", "max_side"})
 
 # The model's dimensions a parameter can be bounded by (see `below`), as ModelShape names them.
 Bound = Literal["classes", "layers", "heads", "head_dim", "embed_dim"]

@@ -205,7 +205,8 @@ def _draft(img: Image.Image, target: Target) -> None:
 
 
 def _upright(img: Image.Image) -> tuple[int, int]:
-    """(w, h) after the EXIF orientation is applied."""
+    """(w, h) of a JPEG after its EXIF orientation is applied. JPEG only: its EXIF is in a header
+    segment, where other formats' getexif() may decode the whole image to find it."""
     w, h = img.size
     return (h, w) if img.getexif().get(0x0112) in _SWAPS_SIDES else (w, h)
 
@@ -224,8 +225,8 @@ def cost(data: bytes, max_pixels: int, target: Target, frames: int = 1) -> int:
     img = open_for(data, max_pixels, target)
     w, h = img.size
     pictures = 0
-    if target.canvas is not None:
-        cw, ch = canvas_size(_upright(img), target.canvas)
+    if target.canvas is not None:  # turned or not by its EXIF orientation: the same pixel count
+        cw, ch = canvas_size(img.size, target.canvas)
         pictures = cw * ch * frames
     return w * h + pictures
 

@@ -54,6 +54,26 @@ def smooth_image(seed: int, size: tuple[int, int] = (224, 224)) -> Image.Image:
     return Image.fromarray(np.clip(sum(layers) / len(layers), 0, 255).astype(np.uint8))
 
 
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A photograph-like image (w, h): structure at four scales plus sensor-like noise, so that
+    its JPEG is as large as a camera's (about 1.8 bits per pixel at quality 90)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    acc = np.zeros((h, w, 3), np.float32)
+    for cells, amp in ((4, 1.0), (16, 0.6), (64, 0.35), (256, 0.2)):
+        coarse = rng.uniform(0, 255, (cells, max(1, cells * w // h), 3)).astype(np.uint8)
+        acc += amp * np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+    acc /= 2.15
+    acc += rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    return Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, **kw)
+    return buf.getvalue()
+
+
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import ORJSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -97,10 +97,10 @@ async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
     async with asyncio.timeout(ctx.settings.request_timeout_s):
         images, results = await _compute(ctx, request, served, method.job(params), blobs, target)
     if len(results) > 1:
-        return JSONResponse({"model": served.name, "results": [method.to_json(params, r, shape) for r in results]})
+        return ORJSONResponse({"model": served.name, "results": [method.to_json(params, r, shape) for r in results]})
     (img,), (result,) = images, results
     if getattr(params, "format", "json") == "json":
-        return JSONResponse(method.to_json(params, result, shape))
+        return ORJSONResponse(method.to_json(params, result, shape))
     body, media = await run_in_threadpool(method.render, params, img, result, shape)
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
@@ -169,7 +169,7 @@ async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, s
     await _unless_gone(request, asyncio.ensure_future(run()))
     result = method.result(state)
     if params.format == "json":
-        return JSONResponse(method.to_json(params, result, shape))
+        return ORJSONResponse(method.to_json(params, result, shape))
     body, media = await run_in_threadpool(method.render, params, None, result, shape)
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 

@@ -55,6 +55,9 @@ class Engine:
             labels=tuple(models.class_labels(self.model)), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
         )
         self._hooks = install_hooks(self.model)
+        # the input normalisation, made once on the device (prepare): (1, 3, 1, 1) each
+        self._mean = torch.tensor(self.shape.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.shape.std, device=device).view(1, 3, 1, 1)
 
     # -- public -----------------------------------------------------------------------------
     def run(self, images: torch.Tensor, jobs: Sequence[Job]) -> list[Result]:
@@ -85,8 +88,10 @@ class Engine:
             return self._to_device(images)
         if self.device.type == "cuda" and images.device.type == "cpu":
             images = images.pin_memory().to(self.device, non_blocking=True)
-        pixels = images.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
-        return self.shape.normalize(pixels).to(self.dtype)
+        # uint8 made (B, 3, H, W)-contiguous first: the arithmetic then broadcasts mean and std over
+        # whole planes, not over an inner dimension of 3 (half the time on the CPU)
+        pixels = images.to(self.device).permute(0, 3, 1, 2).contiguous().float().div_(255.0)  # in [0, 1]
+        return pixels.sub_(self._mean).div_(self._std).to(self.dtype)
 
     def warmup(self, jobs: Sequence[Job] | None = None, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run these jobs (default: both passes, rollout and gradient rollout) once, so that the first
