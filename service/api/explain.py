@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas import responses as rs
 from service import imaging
 from service.api.deps import Ctx, get_ctx
-from service.api.parsing import admit_images, read_request
+from service.api.parsing import RAW_TYPES, admit_images, read_request
 from service.engine import ops
 from service.engine.jobs import Job, Result
 from service.methods import REGISTRY, Method
@@ -224,7 +224,12 @@ def _body(method: Method) -> dict:
         "multipart/form-data": {"schema": {"type": "object", "properties": {"image": many, **props}, "required": need}},
         "application/json": {"schema": {"type": "object", "properties": {"image": b64, **props}, "required": need,
                                         "additionalProperties": False}},
+        **{ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in sorted(RAW_TYPES)},
     }
+    # With a raw image body (and only then) the parameters come in the query string.
+    query = [{"name": name, "in": "query", "required": name in required, "schema": prop,
+              "description": f"{prop.get('description', '')} (only with a raw image body)".strip()}
+             for name, prop in props.items()]
     ok: dict = {"application/json": {"schema": {"anyOf": [_schema(method.Response), _schema(rs.MultiResponse)]}}}
     for fmt in method.formats:
         if fmt != "json":
@@ -232,6 +237,7 @@ def _body(method: Method) -> dict:
     if method.iterative:
         ok["text/event-stream"] = {"schema": {"type": "string"}}
     return {
+        "parameters": query,
         "requestBody": {"required": True, "content": content},
         "responses": {"200": {"description": "the explanation; JSON with one result per image for several images", "content": ok}},
     }
