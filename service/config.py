@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (default: the CPU cores shared evenly between CPU replicas)"
     )
+    decode_on_device: bool = Field(
+        False, description="decode JPEG uploads answered as JSON on the model's device, batched (nvJPEG on CUDA): "
+        "takes decoding off the CPU of a GPU host",
+    )
     tune_allocator: bool = Field(True, description="keep freed memory in the process for the next batch (glibc)")
     # -- batching and limits
     max_batch_size: int = Field(16, ge=1, le=1024, description="most images in one batch; a full batch starts at once")

@@ -166,15 +166,26 @@ class Target:
     input_size: tuple[int, int]  # (H, W) the model takes
     resample: Image.Resampling = Image.Resampling.BICUBIC
     canvas: int | None = None
+    # Leave a JPEG that needs no EXIF turn (and no canvas) encoded, for the model's device to
+    # decode whole (service/engine/device_decode.py): Decoded.pixels is then None.
+    keep_jpeg: bool = False
 
 
 @dataclass
 class Decoded:
     """An upload made ready: the model's input and, when the answer draws one, its canvas."""
 
-    pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size, squash-resized (no crop)
+    pixels: np.ndarray | None  # (H, W, 3) uint8 at the model's input size, squash-resized (no crop)
     canvas: Image.Image | None  # RGB at the answer's size, or None
-    decoded_size: tuple[int, int]  # (w, h) of what was really decoded (after any DCT reduction)
+    decoded_size: tuple[int, int]  # (w, h) of what was (or, left encoded, will be) decoded
+    encoded: bytes | None = None  # the JPEG left encoded (target.keep_jpeg), else None
+
+
+def _kept(img: Image.Image, data: bytes, target: Target) -> bool:
+    """Is this upload left encoded for the device (see Target.keep_jpeg)? Only a JPEG that ends
+    with its end-of-image marker: a device decoder may pad a truncated one where Pillow refuses it."""
+    return (target.keep_jpeg and target.canvas is None and img.format == "JPEG"
+            and data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9") and img.getexif().get(0x0112, 1) == 1)
 
 
 def canvas_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -211,18 +222,12 @@ def _upright(img: Image.Image) -> tuple[int, int]:
     return (h, w) if img.getexif().get(0x0112) in _SWAPS_SIDES else (w, h)
 
 
-def open_for(data: bytes, max_pixels: int, target: Target) -> Image.Image:
-    """`open_checked`, then the decoder set to the size `target` needs: img.size is what decoding
-    will really produce (the checks above counted the full frame: max_pixels is about the upload)."""
-    img = open_checked(data, max_pixels)
-    _draft(img, target)
-    return img
-
-
 def cost(data: bytes, max_pixels: int, target: Target, frames: int = 1) -> int:
     """Pixels that preparing this upload for `target` holds at once: the decoded frame plus
     `frames` pictures of the canvas's size. Reads headers only; raises what `prepare` would."""
-    img = open_for(data, max_pixels, target)
+    img = open_checked(data, max_pixels)
+    if not _kept(img, data, target):
+        _draft(img, target)
     w, h = img.size
     pictures = 0
     if target.canvas is not None:  # turned or not by its EXIF orientation: the same pixel count
@@ -238,7 +243,10 @@ def prepare(data: bytes, max_pixels: int, target: Target) -> Decoded:
     input size, and once to the canvas; the canvas never comes from an image larger than the
     answer's size. Errors as `decode`.
     """
-    img = open_for(data, max_pixels, target)
+    img = open_checked(data, max_pixels)
+    if _kept(img, data, target):
+        return Decoded(pixels=None, canvas=None, decoded_size=img.size, encoded=data)
+    _draft(img, target)
     rgb = _load(img)
     decoded = rgb.size
     small = to_input(rgb, target.input_size, target.resample)

@@ -81,9 +81,9 @@ class Preprocess:
     def resample(self) -> Image.Resampling:
         return _INTERPOLATIONS.get(self.interpolation, Image.Resampling.BICUBIC)
 
-    def target(self, canvas: int | None = None) -> imaging.Target:
+    def target(self, canvas: int | None = None, keep_jpeg: bool = False) -> imaging.Target:
         """What decoding must produce for this model (and an answer drawn at `canvas`)."""
-        return imaging.Target(input_size=self.size, resample=self.resample, canvas=canvas)
+        return imaging.Target(input_size=self.size, resample=self.resample, canvas=canvas, keep_jpeg=keep_jpeg)
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """Whole RGB image -> (H, W, 3) uint8 at the input size."""

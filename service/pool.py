@@ -22,6 +22,7 @@ import torch
 
 from service import models
 from service.batching import Batcher, BatchObserver
+from service.engine import device_decode
 from service.engine.jobs import Job, Result
 from service.engine.runner import Engine
 from service.methods import ModelShape
@@ -29,7 +30,8 @@ from service.methods import ModelShape
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "unavailable"]
-# (the image as uint8 (H, W, 3) at the model's input size, job) for explanations; (the method's state, job) for the steps of iterative methods
+# (the image as uint8 (H, W, 3) at the model's input size, or its JPEG bytes for the device to decode, job)
+# for explanations; (the method's state, job) for the steps of iterative methods
 Item = tuple[object, Job]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,9 +134,25 @@ class ServedModel:
             jobs = [j for _, j in items]
             if jobs[0].method.iterative:
                 return engine.step([state for state, _ in items], jobs)
-            return engine.run(torch.from_numpy(np.stack([x for x, _ in items])), jobs)  # (B, H, W, 3) uint8
+            return engine.run(self.pixels(engine, [x for x, _ in items]), jobs)
 
         return lambda items: isolate_failures(run, items)
+
+    def pixels(self, engine: Engine, xs: list) -> torch.Tensor:
+        """A batch's images -> (B, H, W, 3) uint8: decoded uploads stacked, uploads left encoded
+        (bytes, --decode-on-device) decoded together on the replica's device and put in their place."""
+        encoded = [i for i, x in enumerate(xs) if isinstance(x, bytes)]
+        if not encoded:
+            return torch.from_numpy(np.stack(xs))
+        decoded = device_decode.decode_resize([xs[i] for i in encoded], self.preprocess.size, engine.device,
+                                              self.preprocess.interpolation)
+        if len(encoded) == len(xs):
+            return decoded
+        out = torch.empty((len(xs), *decoded.shape[1:]), dtype=torch.uint8, device=engine.device)
+        out[encoded] = decoded
+        rest = sorted(set(range(len(xs))) - set(encoded))
+        out[rest] = torch.from_numpy(np.stack([xs[i] for i in rest])).to(engine.device)
+        return out
 
     def start(self, max_batch_size: int, max_delay_ms: float, max_queue: int, on_batch: BatchObserver | None) -> None:
         self.batcher = Batcher(

@@ -71,7 +71,8 @@ async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, bl
                    target: imaging.Target):
     with served.batcher.arriving(len(blobs)):  # a free worker waits for these rather than start without them
         decoded = await run_in_threadpool(_decode_all, ctx, target, blobs)
-        submits = [asyncio.ensure_future(served.batcher.submit((d.pixels, job))) for d in decoded]
+        submits = [asyncio.ensure_future(served.batcher.submit((d.encoded if d.pixels is None else d.pixels, job)))
+                   for d in decoded]
     try:
         results = await _unless_gone(request, asyncio.gather(*submits))
     finally:
@@ -92,7 +93,8 @@ async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
     served = _accepted(method, ctx, params)
     shape = served.shape
     # several images are answered as JSON: only a single image's answer may draw a picture
-    target = served.preprocess.target(method.canvas(params) if len(blobs) == 1 else None)
+    canvas = method.canvas(params) if len(blobs) == 1 else None
+    target = served.preprocess.target(canvas, keep_jpeg=ctx.settings.decode_on_device)
     await admit_images(request, blobs, target, method.frames(params))
     async with asyncio.timeout(ctx.settings.request_timeout_s):
         images, results = await _compute(ctx, request, served, method.job(params), blobs, target)
