@@ -216,7 +216,7 @@ def test_methods_lists_every_endpoint_with_its_parameters(client):
     rollout = {p["name"]: p for p in methods["rollout"]["params"]}
     assert rollout["discard_ratio"]["default"] == 0.9 and rollout["discard_ratio"]["exclusive_maximum"] == 1
     assert rollout["head_fusion"]["enum"] == ["mean", "max", "min"] and rollout["start_layer"]["below"] == "layers"
-    assert methods["rollout"]["formats"] == ["png", "json"]
+    assert methods["rollout"]["formats"] == ["png", "jpeg", "webp", "json"]
     assert methods["rollout-sweep"]["formats"] == ["gif", "apng", "json"]
     assert methods["activation-max"]["image"] == "optional"
     assert {p["name"]: p for p in methods["gae"]["params"]}["category_id"]["required"]

@@ -274,7 +274,7 @@ def test_large_heatmaps_at_once_stay_within_the_pixel_budget(server):
 
     def call(_):
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            return post_file(c, big)
+            return post_file(c, big, max_side=0)  # drawn at the upload's own size
 
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(call, range(4)))
@@ -544,7 +544,7 @@ def test_inspect_reads_the_frame_that_decode_decodes():
 def test_a_sweep_counts_each_drawn_frame_against_the_pixel_budget(client):
     side = int((PIXELS_IN_FLIGHT / 4) ** 0.5)  # 5 MP: one frame fits the budget, eleven do not
     big = flat_png(side, side, "L", 5)
-    resp, took = post_file(client, big, "/rollout/sweep")
+    resp, took = post_file(client, big, "/rollout/sweep", max_side=0)
     assert resp.status_code == 413 and "pixels" in resp.json()["detail"], resp.text
     assert took < STALL_S
     resp, _ = post_file(client, big, "/rollout/sweep", discard_ratios="0.5,0.9", format="json")
