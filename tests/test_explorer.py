@@ -357,6 +357,27 @@ def test_the_discard_sweep_plays_as_an_animation(tab, api, photo):
     assert_drawn(s.pixels("#pane-a canvas.heat"), direct["masks"][1], d["width"], d["height"])
 
 
+def test_a_picture_answer_in_jpeg_at_max_side_is_shown_and_downloaded(tab, api, photo):
+    """Formats and max_side come from GET /methods: the page offers them without knowing them."""
+    s = tab.open()
+    s.upload(photo)
+    options = s.page.eval_on_selector("#a-format", "e => [...e.options].map(o => o.value)")
+    assert {"png", "jpeg", "webp", "json"} <= set(options)
+    s.set("format", "jpeg")
+    s.set("max_side", "160")
+    got = s.run()
+    assert got["request"]["format"] == "jpeg" and got["request"]["max_side"] == "160"
+    assert s.page.get_attribute("#pane-a", "data-kind") == "picture"
+    size = s.page.eval_on_selector("#pane-a img.picture", "i => [i.naturalWidth, i.naturalHeight]")
+    assert size == [160, 120]  # 320 x 240 with its longest side at 160
+    with s.page.expect_download() as dl:
+        s.page.click("#pane-a .download-png")
+    assert dl.value.suggested_filename == "rollout.jpeg"
+    direct = api.post("/rollout", files={"image": (photo.name, photo.read_bytes(), "image/png")}, data=got["request"])
+    assert direct.headers["content-type"] == "image/jpeg"
+    assert open(dl.value.path(), "rb").read() == direct.content  # the service's own picture, as it sent it
+
+
 def test_activation_maximization_shows_live_progress(tab):
     s = tab.open()
     # its steps run at the lowest CPU priority: on a busy machine they wait for the CPU
