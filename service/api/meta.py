@@ -3,6 +3,8 @@ too (probes and load balancers use it): the same status and headers, no body."""
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -39,8 +41,8 @@ async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
 
 
 @get_and_head("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> dict[str, str | int]:
+    return {"status": "ok", "pid": os.getpid()}  # with --workers, which process answered
 
 
 @get_and_head("/readyz", summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
