@@ -50,7 +50,7 @@ async def readyz(ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
     states = {m.name: m.status for m in ctx.pool.models.values()}
     ready = not ctx.draining and ctx.pool.settled and any(s == "ready" for s in states.values())
     status = "draining" if ctx.draining else "ready" if ready else "not ready"
-    return JSONResponse({"status": status, "models": states}, status_code=200 if ready else 503)
+    return JSONResponse({"status": status, "models": states, "pid": os.getpid()}, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
