@@ -202,8 +202,9 @@ def supervise(settings: Settings) -> int:
     from service.api.middleware import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
-    if not hasattr(socket, "SO_REUSEPORT"):
-        print("error: --workers needs SO_REUSEPORT (Linux, BSD, macOS); run one process per port here", file=sys.stderr)
+    if not sys.platform.startswith("linux"):  # elsewhere SO_REUSEPORT does not spread connections
+        print("error: --workers needs Linux (SO_REUSEPORT spreads connections over processes only there); "
+              "run one process per port here", file=sys.stderr)
         return 2
     try:
         reserved = reserve_port(settings.host, settings.port)

@@ -103,7 +103,7 @@ def test_workers_setting_is_bounded():
 
 def test_cores_are_shared_between_workers():
     assert runtime.worker_cores(2, 1) == 2 and runtime.worker_cores(2, 2) == 1 and runtime.worker_cores(16, 4) == 4
-    assert runtime.worker_cores(2, 4) == 1 and runtime.worker_cores(3, 2) == 1  # at least one, never more than there are
+    assert runtime.worker_cores(2, 4) == 1 and runtime.worker_cores(3, 2) == 1  # an even share, at least one
     # on the 2-core box: one process, two single-threaded replicas; two processes, one each
     assert runtime.cpu_layout(runtime.worker_cores(2, 1), None, None) == (2, 1)
     assert runtime.cpu_layout(runtime.worker_cores(2, 2), None, None) == (1, 1)
