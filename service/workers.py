@@ -128,13 +128,15 @@ class Supervisor:
         self.stopped_at = self.deadline = 0.0
         self.restarts: collections.deque[float] = collections.deque()
 
-    def start(self, index: int) -> _Worker:
+    def start(self, index: int) -> None:
         listening = self.context.Event()
         process = self.context.Process(target=_child, name=f"vit-worker-{index}",
                                        args=(self.settings, index, listening, os.getpid()))
         process.start()
+        self.workers.append(_Worker(index, process, listening))
         log.info("worker %d started (pid %d)", index, process.pid)
-        return _Worker(index, process, listening)
+        if self.stopping:  # a signal came while it started (one sent twice only stops it sooner)
+            os.kill(process.pid, signal.SIGTERM)
 
     def signal_children(self, *_args) -> None:
         if not self.stopping:
@@ -149,7 +151,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers, keep them running until a signal, then wait for them; the exit code."""
-        self.workers = [self.start(i) for i in range(self.settings.workers)]
+        for i in range(self.settings.workers):
+            if not self.stopping:
+                self.start(i)
         failure: int | None = None
         while self.workers:
             multiprocessing.connection.wait([w.process.sentinel for w in self.workers], timeout=1.0)
@@ -186,7 +190,7 @@ class Supervisor:
                     self.signal_children()
                     continue
                 log.warning("worker %d (pid %d) exited with %s: starting it again", w.index, w.process.pid, code)
-                self.workers.append(self.start(w.index))
+                self.start(w.index)
         return failure or 0
 
 
