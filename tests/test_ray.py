@@ -114,6 +114,11 @@ def test_kuberay_rayservice_manifest():
     assert built.ray_actor_options == {"num_cpus": args["num_cpus"], "num_gpus": args["num_gpus"]}
 
 
+def test_workers_is_refused_on_ray():
+    with pytest.raises(ValueError, match="workers does not apply on Ray Serve"):
+        ray_serve.build({"models": ["a=local-dir:/x"], "workers": 2})
+
+
 def test_fractional_gpus_per_replica():
     overrides, shape, _ = ray_serve.parse(["--model", "a=local-dir:/x", "--replica-gpus", "0.25", "--replica-cpus", "1"])
     built = ray_serve.build(overrides, **shape)._bound_deployment
