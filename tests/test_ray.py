@@ -120,7 +120,8 @@ def test_workers_is_refused_on_ray():
 
 
 def test_fractional_gpus_per_replica():
-    overrides, shape, _ = ray_serve.parse(["--model", "a=local-dir:/x", "--replica-gpus", "0.25", "--replica-cpus", "1"])
+    argv = ["--model", "a=local-dir:/x", "--replica-gpus", "0.25", "--replica-cpus", "1"]
+    overrides, shape, _ = ray_serve.parse(argv)
     built = ray_serve.build(overrides, **shape)._bound_deployment
     assert built.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert "device" not in built.init_args[0]  # the replica uses the GPU it shares (auto), not the CPU
