@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Callable
 
 import uvicorn
 from pydantic import ValidationError
@@ -115,6 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"error: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    if settings.workers > 1:
+        from service import workers
+
+        return workers.supervise(settings)
+    return serve(settings)
+
+
+def serve(settings: Settings, listen: Callable[[], socket.socket] | None = None) -> int:
+    """Run one server process until it is stopped; 2 when the settings name bad models or devices.
+
+    `listen`, with --workers, returns this process's own listening socket (service/workers.py);
+    it is called once the app is built, so that the port sends this process connections only
+    once it can take them.
+    """
     from service.api.middleware import configure_logging
     from service.app import create_app
 
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, log_config=None, timeout_graceful_shutdown=settings.request_timeout_s,
                             **connection_limits(settings))
-    _Server(config, app).run()
+    _Server(config, app).run(sockets=[listen()] if listen else None)
     return 0
 
 

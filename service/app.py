@@ -38,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     devices = resolve_devices(settings.device)
     replicas, threads = settings.replicas_per_device or 1, settings.threads
     if all(d.type == "cpu" for d in devices):
-        replicas, threads = runtime.cpu_layout(runtime.usable_cores(), settings.replicas_per_device, threads)
+        cores = runtime.worker_cores(runtime.usable_cores(), settings.workers)
+        replicas, threads = runtime.cpu_layout(cores, settings.replicas_per_device, threads)
     if threads:
         torch.set_num_threads(threads)
     if settings.tune_allocator:
@@ -55,8 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_delay_ms=settings.max_delay_ms,
         max_queue=settings.max_queue,
         on_status=metrics.set_status,
-        on_batch=lambda name: lambda waits, secs: metrics.observe_batch(name, waits, secs),
+        on_batch=lambda name: lambda waits, secs: observe_batch(name, waits, secs),
     )
+
+    def observe_batch(name: str, waits: list[float], seconds: float) -> None:
+        metrics.observe_batch(name, waits, seconds)
+        # with --workers, another process may answer the scrape: the depth must not wait for one here
+        metrics.queue_depth.labels(model=name).set(pool.models[name].batcher.depth)
+
     ctx = Ctx(settings=settings, pool=pool, metrics=metrics)
 
     @contextlib.asynccontextmanager

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
         8, ge=1, le=1024, description="activation maximizations running at once per model before 503 + Retry-After"
     )
     # -- HTTP
+    workers: int = Field(
+        1, ge=1, le=64, description="server processes sharing the port, each with its own models, queue and limits "
+        "(docs/workers.md)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(None, description="when set, every endpoint but health needs X-API-Key")

@@ -150,6 +150,9 @@ def build(
         overrides.setdefault("models", [])
         overrides["models"] = [overrides.pop("model"), *overrides["models"]]
     settings = Settings(**overrides)  # refuse bad settings here, before any replica starts
+    if settings.workers != 1:
+        raise ValueError("workers does not apply on Ray Serve, where each replica is one server process: "
+                         "set replicas instead (and num_gpus below 1 to share a GPU between them)")
     if num_gpus in (None, "auto"):
         num_gpus = 1.0 if _cluster_gpus() >= 1 else 0.0
     num_gpus = float(num_gpus)

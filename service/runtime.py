@@ -42,6 +42,14 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def worker_cores(cores: int, workers: int) -> int:
+    """The cores one of `workers` server processes plans its replicas and threads for: an even
+    share, at least one. The processes are not pinned (an idle one leaves its share to the
+    others); the split only keeps N processes from starting N times the threads there are cores.
+    """
+    return max(1, cores // workers)
+
+
 def cpu_layout(cores: int, replicas: int | None, threads: int | None) -> tuple[int, int]:
     """(replicas, torch intra-op threads) for serving on `cores` CPU cores; None means choose.
 

@@ -60,7 +60,8 @@ def test_models_lists_every_model_with_status(client):
 
 
 def test_health_ready_and_docs(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and isinstance(health["pid"], int) and set(health) == {"status", "pid"}
     assert client.get("/readyz").status_code == 200
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()

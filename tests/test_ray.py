@@ -104,7 +104,27 @@ def test_kuberay_rayservice_manifest():
     gpus = {g["groupName"]: g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)
             for g in cluster["workerGroupSpecs"]}
     assert args["num_gpus"] <= max(gpus.values()), "a replica asks for more GPUs than any worker has"
-    assert args["max_replicas"] <= sum(g["maxReplicas"] * gpus[g["groupName"]] for g in cluster["workerGroupSpecs"])
+    assert args["max_replicas"] * args["num_gpus"] <= sum(g["maxReplicas"] * gpus[g["groupName"]]
+                                                          for g in cluster["workerGroupSpecs"])
+    cpus = {g["groupName"]: float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+            for g in cluster["workerGroupSpecs"]}
+    per_gpu = 1 / args["num_gpus"]  # replicas sharing one GPU must find their CPUs on its worker too
+    assert any(per_gpu * args["num_cpus"] <= cpus[name] and gpus[name] >= 1 for name in gpus)
+    built = ray_serve.app_builder(yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"])._bound_deployment
+    assert built.ray_actor_options == {"num_cpus": args["num_cpus"], "num_gpus": args["num_gpus"]}
+
+
+def test_workers_is_refused_on_ray():
+    with pytest.raises(ValueError, match="workers does not apply on Ray Serve"):
+        ray_serve.build({"models": ["a=local-dir:/x"], "workers": 2})
+
+
+def test_fractional_gpus_per_replica():
+    argv = ["--model", "a=local-dir:/x", "--replica-gpus", "0.25", "--replica-cpus", "1"]
+    overrides, shape, _ = ray_serve.parse(argv)
+    built = ray_serve.build(overrides, **shape)._bound_deployment
+    assert built.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.25}
+    assert "device" not in built.init_args[0]  # the replica uses the GPU it shares (auto), not the CPU
 
 
 # -- on a local cluster ----------------------------------------------------------------------------
@@ -165,7 +185,7 @@ def _replica_states() -> dict:
 def test_two_replicas_ready_with_replica_request_id_and_key(client):
     assert _replica_states() == {"RUNNING": 2}
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"status": "ready", "models": {"deit": "ready"}}
+    assert r.status_code == 200 and r.json()["status"] == "ready" and r.json()["models"] == {"deit": "ready"}
     assert r.headers["x-replica"]
     r = client.get("/models", headers={**HEADERS, "X-Request-ID": "my-id-1"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "my-id-1"  # once, not twice

@@ -3,6 +3,8 @@ too (probes and load balancers use it): the same status and headers, no body."""
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -39,8 +41,8 @@ async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
 
 
 @get_and_head("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> dict[str, str | int]:
+    return {"status": "ok", "pid": os.getpid()}  # with --workers, which process answered
 
 
 @get_and_head("/readyz", summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
@@ -48,7 +50,7 @@ async def readyz(ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
     states = {m.name: m.status for m in ctx.pool.models.values()}
     ready = not ctx.draining and ctx.pool.settled and any(s == "ready" for s in states.values())
     status = "draining" if ctx.draining else "ready" if ready else "not ready"
-    return JSONResponse({"status": status, "models": states}, status_code=200 if ready else 503)
+    return JSONResponse({"status": status, "models": states, "pid": os.getpid()}, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
