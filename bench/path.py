@@ -1,0 +1,488 @@
+"""Part D: the request path (issue 17). The server's CPU time per request on a near-zero model.
+
+    python -m bench.path [--quick] [--body auto|multipart|json|raw] [--cases ...] [--skip-deit] [--skip-workers]
+
+The model is a timm ViT with one block (embed 48, 3 heads, 224 px, patch 16, random seeded
+weights), so what the server spends is the path around the model: parsing, decoding, resizing,
+normalising, routing, encoding. The uploads are photo-like JPEGs made here (smooth colour at
+several scales, hard-edged shapes, pixel-scale grain; quality 90), about 15 KB at 224 px, 500 KB
+at 1920x1280 and 2.4 MB at 4000x3000, so that decoding costs what a real photo costs.
+
+Each case: a real `python -m service serve --model tiny=local-dir:...` process, loaded by Debian's
+`wrk` (keep-alive connections, bench/lua/post.lua; the Python client of bench/client.py when wrk
+is not installed) for warm-up + a timed window. Over that window the bench reads utime + stime
+of the server's whole process tree (every descendant, and children already reaped) from /proc and
+divides by the answers that completed inside it (counted by the load generator on the same
+clock). CPU time per request holds on a busy machine; req/s does not, as well.
+
+Also: `--workers 2` against `--workers 1` (only when the server has the flag), and DeiT-Tiny
+(random weights) `/rollout` and `/grad-rollout` JSON at 16 clients against a bare batched forward
+and the gradient floor of the same model timed in this process in the same run (bench/inprocess.py).
+
+The body kind: `auto` (default) sends a raw `Content-Type: image/jpeg` body with the parameters in
+the query string when one such request is answered 200, and multipart otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch import nn
+
+from bench import inprocess, served
+
+TINY = {"model_name": "vit_tiny_patch16_224", "depth": 1, "embed_dim": 48, "num_heads": 3}
+SEED = 0
+SIZES: dict[str, tuple[int, int]] = {"224": (224, 224), "1920x1280": (1920, 1280), "4000x3000": (4000, 3000)}
+JPEG_QUALITY = 90
+BODIES = ("multipart", "json", "raw")
+LUA = Path(__file__).with_name("lua") / "post.lua"
+_BOUNDARY = "benchpathboundary5e2b"
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    image: str  # a key of SIZES
+    path: str
+    params: dict
+    now: str  # issue 17's measured figure, ms of server CPU per request
+    target_ms: float | None = None
+
+    @property
+    def title(self) -> str:
+        size = "224 px" if self.image == "224" else self.image
+        fmt = self.params.get("format", "json").upper()
+        return f"{size} JPEG -> {self.path} {fmt}"
+
+
+CASES: tuple[Case, ...] = (
+    Case("predict", "224", "/predict", {}, "3.3"),
+    Case("rollout-json", "224", "/rollout", {"format": "json"}, "3.4-4.5", 1.2),
+    Case("rollout-png", "224", "/rollout", {"format": "png"}, "8.3"),
+    Case("1920-rollout-json", "1920x1280", "/rollout", {"format": "json"}, "30", 10.0),
+    Case("4000-rollout-json", "4000x3000", "/rollout", {"format": "json"}, "113", 30.0),
+    Case("1920-rollout-png", "1920x1280", "/rollout", {"format": "png"}, "244", 25.0),
+)
+DEIT_CASES = {
+    "rollout": ("/rollout", {"format": "json"}, "bare", 0.85, "0.69-0.71x"),
+    "grad-rollout": ("/grad-rollout", {"format": "json", "category_id": inprocess.CATEGORY_ID}, "grad_floor", 0.85, "0.82x"),
+}
+WORKERS_TARGET = 1.5
+
+FULL = {"warmup": 1.5, "duration": 5.0, "clients": 8, "deit_clients": 16, "deit_warmup": 3.0, "deit_duration": 8.0,
+        "timing": {"warmup": 1, "min_reps": 4, "min_seconds": 1.5, "max_reps": 10}}
+QUICK = {"warmup": 0.5, "duration": 1.0, "clients": 4, "deit_clients": 16, "deit_warmup": 1.0, "deit_duration": 2.0,
+         "timing": {"warmup": 1, "min_reps": 2, "min_seconds": 0.0, "max_reps": 2}}
+
+
+# -- what is served, what is sent ---------------------------------------------------------------
+def tiny_model(seed: int = SEED) -> nn.Module:
+    """The near-zero model: one block of embed 48, so the server's CPU is the path around it."""
+    torch.manual_seed(seed)
+    return timm.create_model(pretrained=False, **TINY).eval()
+
+
+def photo_jpeg(width: int, height: int, seed: int = SEED, quality: int = JPEG_QUALITY) -> bytes:
+    """A photo-like JPEG: smooth colour at several scales, hard-edged shapes, and grain at one and
+    two pixels, so that its size and decoding cost are a photo's (0.2-0.35 bytes per pixel)."""
+    rng = np.random.default_rng(seed)
+    w, h = width, height
+    acc = np.zeros((h, w, 3), np.float32)
+    for cells, amp in ((3, 1.0), (9, 0.6), (27, 0.35), (81, 0.2)):  # cells along the longer side
+        gw, gh = max(2, round(cells * w / max(w, h))), max(2, round(cells * h / max(w, h)))
+        grid = Image.fromarray(rng.uniform(0, 255, (gh, gw, 3)).astype(np.uint8))
+        acc += amp * (np.asarray(grid.resize((w, h), Image.Resampling.BICUBIC), np.float32) - 128)
+    img = Image.fromarray(np.clip(128 + acc / 1.2, 0, 255).astype(np.uint8))
+    draw, side = ImageDraw.Draw(img), max(w, h)
+    for _ in range(24):
+        x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.03, 0.2) * side
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([x - r, y - r * rng.uniform(0.4, 1), x + r, y + r], fill=colour)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 5))
+            draw.polygon([(x + r * np.cos(a), y + r * np.sin(a)) for a in angles], fill=colour)
+    a = np.asarray(img, np.float32)
+    grain = 5.0
+    a += grain * rng.standard_normal((h, w, 1), dtype=np.float32)
+    coarse = grain * rng.standard_normal(((h + 1) // 2, (w + 1) // 2, 1), dtype=np.float32)
+    a += np.repeat(np.repeat(coarse, 2, 0), 2, 1)[:h, :w]
+    a += grain / 3 * rng.standard_normal((h, w, 3), dtype=np.float32)
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def request_body(kind: str, path: str, params: dict, image: bytes) -> tuple[str, str, bytes]:
+    """(path with query, Content-Type, body) of one request in the given body kind."""
+    if kind == "multipart":
+        parts = [f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in params.items()]
+        parts.append(f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="photo.jpg"\r\n'
+                     "Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n")
+        parts.append(f"--{_BOUNDARY}--\r\n".encode())
+        return path, f"multipart/form-data; boundary={_BOUNDARY}", b"".join(parts)
+    if kind == "json":
+        return path, "application/json", json.dumps({"image": base64.b64encode(image).decode(), **params}).encode()
+    if kind == "raw":
+        query = urllib.parse.urlencode(params)
+        return path + (f"?{query}" if query else ""), "image/jpeg", image
+    raise ValueError(f"unknown body kind {kind!r}; one of {', '.join(BODIES)}")
+
+
+def http_request(port: int, path: str, ctype: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def probe(port: int, path: str, ctype: str, body: bytes) -> dict:
+    """One request: its status, answer size and, for an image answer, the picture's size."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": ctype})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    out = {"status": resp.status, "answer_bytes": len(data), "answer_type": resp.getheader("content-type", ""),
+           "answer_size": None, "detail": data[:300].decode(errors="replace") if resp.status != 200 else ""}
+    if resp.status == 200 and out["answer_type"].startswith("image/"):
+        with Image.open(io.BytesIO(data)) as im:
+            out["answer_size"] = f"{im.width}x{im.height}"
+    return out
+
+
+def choose_body(port: int, requested: str, image: bytes) -> tuple[str, str]:
+    """(body kind, why): `auto` is raw when the server answers a raw body with 200, else multipart."""
+    if requested != "auto":
+        return requested, "as asked"
+    path, ctype, body = request_body("raw", "/rollout", {"format": "json"}, image)
+    answer = probe(port, path, ctype, body)
+    if answer["status"] == 200:
+        return "raw", "the server takes a raw image/jpeg body"
+    return "multipart", f"the server answered {answer['status']} to a raw image/jpeg body"
+
+
+# -- CPU time from /proc ------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """{pid: (ppid, utime + stime + cutime + cstime in ticks)} of every process now."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        out[int(name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))
+    return out
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of `root` and every process below it, living or already reaped
+    (a reaped child's time is in its parent's cutime/cstime). Every thread counts: a process's
+    /proc/PID/stat sums its threads."""
+    stats = _proc_stats()
+    if root not in stats:
+        raise ProcessLookupError(f"process {root} is gone")
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats[pid][1]
+        todo += children.get(pid, [])
+    return total / _TICK
+
+
+def _box_busy_ticks() -> tuple[int, int]:
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)  # busy, all (idle and iowait are the free part)
+
+
+# -- one load window ----------------------------------------------------------------------------
+def loader_name() -> str:
+    return "wrk" if shutil.which("wrk") else "python"
+
+
+def run_load(port: int, server_pid: int, path: str, ctype: str, body: bytes, clients: int, warmup: float,
+             duration: float, workdir: Path, loader: str | None = None) -> dict:
+    """Load the server for warmup + duration; figures over the timed window."""
+    loader = loader or loader_name()
+    settle = 0.3  # the load generator's own start, before its warm-up counts
+    if loader == "wrk":
+        body_file = workdir / "body.bin"
+        body_file.write_bytes(body)
+        t1 = time.monotonic() + settle + warmup
+        t2 = t1 + duration
+        env = {**os.environ, "BENCH_BODY": str(body_file), "BENCH_CTYPE": ctype,
+               "BENCH_T1": repr(t1), "BENCH_T2": repr(t2)}
+        seconds = math.ceil(settle + warmup + duration + 0.3)
+        args = ["wrk", "-t", str(min(2, clients)), "-c", str(clients), "-d", f"{seconds}s", "--timeout", "60s",
+                "-s", str(LUA), f"http://127.0.0.1:{port}{path}"]
+    else:
+        req_file = workdir / "request.bin"
+        req_file.write_bytes(http_request(port, path, ctype, body))
+        t1 = time.monotonic() + 1.0 + warmup  # the Python client's start-up takes longer
+        t2 = t1 + duration
+        env = None
+        args = [sys.executable, "-m", "bench.client", "--port", str(port), "--request-file", str(req_file),
+                "--clients", str(clients), "--duration", str(duration), "--start-at", repr(t1)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(max(0.0, t1 - time.monotonic()))
+        cpu0, load0, box0 = tree_cpu_s(server_pid), tree_cpu_s(proc.pid), _box_busy_ticks()
+        time.sleep(max(0.0, t2 - time.monotonic()))
+        cpu1, load1, box1 = tree_cpu_s(server_pid), tree_cpu_s(proc.pid), _box_busy_ticks()
+        out, err = proc.communicate(timeout=duration + warmup + 300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{loader} failed ({proc.returncode}):\n{err[-3000:]}")
+    if loader == "wrk":
+        line = next(ln for ln in out.splitlines() if ln.startswith("BENCH_JSON "))
+        fig = json.loads(line.split(" ", 1)[1])
+        ok, errors = fig["ok"], fig["bad"] + fig["socket_errors"]
+        p50, p95 = fig["p50_us"] / 1e3, fig["p95_us"] / 1e3  # over the whole run, warm-up included
+    else:
+        fig = json.loads(out)
+        ok, errors, p50, p95 = fig["requests"], fig["errors"], fig["p50_ms"], fig["p95_ms"]
+    cores = os.cpu_count() or 1
+    box_busy = (box1[0] - box0[0]) / max(box1[1] - box0[1], 1) * cores  # cores busy, all processes
+    server_cores, loader_cores = (cpu1 - cpu0) / duration, (load1 - load0) / duration
+    return {
+        "loader": loader, "clients": clients, "seconds": duration, "requests": ok, "errors": errors,
+        "req_s": ok / duration,
+        "cpu_ms_per_req": (cpu1 - cpu0) / ok * 1e3 if ok else None,
+        "loader_cpu_ms_per_req": (load1 - load0) / ok * 1e3 if ok else None,
+        "server_cores": server_cores, "loader_cores": loader_cores,
+        "others_cores": max(0.0, box_busy - server_cores - loader_cores),
+        "p50_ms": p50, "p95_ms": p95,
+    }
+
+
+def _measure(port: int, pid: int, path: str, params: dict, image: bytes, body_kind: str, clients: int,
+             warmup: float, duration: float, workdir: Path, loader: str | None) -> dict:
+    """Check one request answers 200, then load the server with it."""
+    full_path, ctype, body = request_body(body_kind, path, params, image)
+    answer = probe(port, full_path, ctype, body)
+    if answer["status"] != 200:
+        raise RuntimeError(f"POST {full_path} ({body_kind}) answered {answer['status']}: {answer['detail']}")
+    fig = run_load(port, pid, full_path, ctype, body, clients, warmup, duration, workdir, loader)
+    return {**fig, "body": body_kind, "answer_bytes": answer["answer_bytes"], "answer_size": answer["answer_size"]}
+
+
+def server_has_workers() -> bool:
+    """Whether `python -m service serve` takes --workers (read from its --help)."""
+    done = subprocess.run([sys.executable, "-m", "service", "serve", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    return "--workers" in done.stdout
+
+
+# -- the part -----------------------------------------------------------------------------------
+def run_path_bench(workdir: Path, preset: dict, body: str = "auto", case_keys: list[str] | None = None,
+                   workers: bool = True, deit: bool = True, loader: str | None = None, log=print) -> dict:
+    loader = loader or loader_name()
+    cases = [c for c in CASES if case_keys is None or c.key in case_keys]
+    images = {size: photo_jpeg(*SIZES[size], seed=SEED + i) for i, size in enumerate(SIZES)
+              if any(c.image == size for c in cases) or (size == "224" and (workers or deit))}
+    log(f"  load generator: {loader}" + ("" if loader == "wrk" else " (wrk is not installed: apt-get install wrk)"))
+    log("  images: " + ", ".join(f"{s} JPEG {len(b) / 1024:.0f} KB" for s, b in images.items()))
+    spec = served.save_model(tiny_model(), workdir / "tiny")
+    out: dict = {"loader": loader, "image_kb": {s: len(b) / 1024 for s, b in images.items()},
+                 "model": dict(TINY), "cases": [], "workers": None, "deit": None}
+    clients, warmup, duration = preset["clients"], preset["warmup"], preset["duration"]
+    with served.server(spec, [], workdir / "server-tiny.log", alias="tiny") as (port, proc):
+        kind, why = choose_body(port, body, images["224"])
+        out["body"], out["body_reason"] = kind, why
+        log(f"  body: {kind} ({why})")
+        for case in cases:
+            slow = case.image != "224"  # fewer requests per second: a longer window for as many
+            fig = _measure(port, proc.pid, case.path, case.params, images[case.image], kind, clients, warmup,
+                           duration * (1.6 if slow else 1.0), workdir, loader)
+            fig.update({"case": case.key, "title": case.title, "now": case.now, "target_ms": case.target_ms})
+            out["cases"].append(fig)
+            log(f"  {case.title:<36} {fig['req_s']:7.1f} req/s  server CPU {_num(fig['cpu_ms_per_req'], 2)} ms/req"
+                f"  ({fig['requests']} ok, {fig['errors']} errors; answer {_answer(fig)})")
+    if workers:
+        out["workers"] = _workers(spec, images["224"], body, preset, workdir, loader, log)
+    if deit:
+        out["deit"] = _deit(images["224"], body, preset, workdir, loader, log)
+    return out
+
+
+def _workers(spec: str, image: bytes, body: str, preset: dict, workdir: Path, loader: str, log) -> dict:
+    if not server_has_workers():
+        log("  --workers: skipped (`python -m service serve --help` has no --workers)")
+        return {"skipped": "the server has no --workers flag"}
+    figs = {}
+    for n in (1, 2):
+        with served.server(spec, ["--workers", str(n)], workdir / f"server-workers{n}.log", alias="tiny") as (port, proc):
+            kind, _ = choose_body(port, body, image)
+            figs[n] = _measure(port, proc.pid, "/rollout", {"format": "json"}, image, kind, preset["clients"],
+                               preset["warmup"], preset["duration"], workdir, loader)
+        log(f"  --workers {n}: 224 px JPEG -> /rollout JSON {figs[n]['req_s']:7.1f} req/s, "
+            f"server CPU {_num(figs[n]['cpu_ms_per_req'], 2)} ms/req ({figs[n]['errors']} errors)")
+    ratio = figs[2]["req_s"] / figs[1]["req_s"] if figs[1]["req_s"] else None
+    log(f"  --workers 2 / 1: {_num(ratio, 2)}x (target >= {WORKERS_TARGET})")
+    return {"1": figs[1], "2": figs[2], "ratio": ratio}
+
+
+def _deit(image: bytes, body: str, preset: dict, workdir: Path, loader: str, log) -> dict:
+    model = inprocess.make_model()
+    spec = served.save_model(model, workdir / "deit")
+    batch = 16
+    out: dict = {"batch": batch, "clients": preset["deit_clients"]}
+    with served.server(spec, [], workdir / "server-deit.log") as (port, proc):
+        kind, _ = choose_body(port, body, image)
+        # The floors in this process while the server idles, just before it is loaded: the same drift.
+        floors = inprocess.time_cases({"bare": inprocess.bare_case(model), "grad_floor": inprocess.grad_floor_case(model)},
+                                      inprocess.make_images(batch), **preset["timing"])
+        out["floors_img_s"] = {k: v["img_s"] for k, v in floors.items()}
+        for name, (path, params, floor, target, now) in DEIT_CASES.items():
+            fig = _measure(port, proc.pid, path, params, image, kind, preset["deit_clients"], preset["deit_warmup"],
+                           preset["deit_duration"], workdir, loader)
+            ratio = fig["req_s"] / out["floors_img_s"][floor]
+            out[name] = {**fig, "floor": floor, "ratio": ratio, "target": target, "now": now}
+            log(f"  DeiT-Tiny {path} JSON, {preset['deit_clients']} clients: {fig['req_s']:6.1f} req/s = "
+                f"{ratio:.2f}x {floor} at batch {batch} ({out['floors_img_s'][floor]:.1f} img/s); "
+                f"server CPU {_num(fig['cpu_ms_per_req'], 1)} ms/req")
+    return out
+
+
+# -- targets and text ---------------------------------------------------------------------------
+def targets(path: dict | None) -> list[dict]:
+    """The issue's targets in report.targets' form (pass None where not run)."""
+    rows: list[dict] = []
+    if not path:
+        return rows
+
+    def row(name: str, value: float | None, threshold: float, kind: str, unit: str) -> None:
+        ok = None if value is None else (value <= threshold if kind == "<=" else value >= threshold)
+        rows.append({"name": name, "value": value, "threshold": threshold, "kind": kind, "unit": unit, "pass": ok})
+
+    for c in path["cases"]:
+        if c["target_ms"] is not None:
+            row(f"server CPU per request, {c['title']} (near-zero model)", c["cpu_ms_per_req"], c["target_ms"], "<=", "ms")
+    w = path.get("workers") or {}
+    row("--workers 2 / --workers 1 req/s, 224 px /rollout JSON (near-zero model)", w.get("ratio"), WORKERS_TARGET, ">=", "x")
+    d = path.get("deit") or {}
+    for name, (_, _, floor, target, _) in DEIT_CASES.items():
+        row(f"DeiT-Tiny /{name} JSON, {d.get('clients', 16)} clients / {floor} at batch {d.get('batch', 16)} (part D)",
+            (d.get(name) or {}).get("ratio"), target, ">=", "x")
+    return rows
+
+
+def _num(v: float | None, nd: int = 1) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _answer(fig: dict) -> str:
+    kb = f"{fig['answer_bytes'] / 1024:.1f} KB"
+    return f"{fig['answer_size']} image, {kb}" if fig.get("answer_size") else kb
+
+
+def verdict(value: float | None, threshold: float, kind: str) -> str:
+    """`met`, or by how much it is missed (a factor), or `-` when not measured."""
+    if value is None:
+        return "-"
+    if kind == "<=":
+        return "met" if value <= threshold else f"missed by {value / threshold:.1f}x ({value - threshold:+.1f} ms)"
+    return "met" if value >= threshold else f"missed by {threshold / value:.2f}x"
+
+
+def render(path: dict) -> list[str]:
+    lines = ["", "## The request path: server CPU per request, near-zero model (part D)", "",
+             f"Model: timm ViT, 1 block, embed 48, 3 heads, 224 px, random weights. Load: {path['loader']}, "
+             f"{path['cases'][0]['clients'] if path['cases'] else '-'} keep-alive clients; body: {path['body']} "
+             f"({path['body_reason']}). Server CPU: utime + stime of its process tree over the timed window, "
+             "per answer completed in it.", "",
+             "| case | req/s | server CPU ms/req | issue 17 now | target | verdict | answer | errors | others' cores |",
+             "|---|---:|---:|---:|---:|---|---|---:|---:|"]
+    for c in path["cases"]:
+        target = "-" if c["target_ms"] is None else f"<= {c['target_ms']:g}"
+        v = "-" if c["target_ms"] is None else verdict(c["cpu_ms_per_req"], c["target_ms"], "<=")
+        lines.append(f"| {c['title']} | {_num(c['req_s'])} | {_num(c['cpu_ms_per_req'], 2)} | {c['now']} | {target} | {v} "
+                     f"| {_answer(c)} | {c['errors']} | {_num(c['others_cores'], 2)} |")
+    kb = ", ".join(f"{s}: {v:.0f} KB" for s, v in path["image_kb"].items())
+    lines += ["", f"JPEGs (quality {JPEG_QUALITY}, made by bench/path.py): {kb}. 'others' cores': CPU used during "
+              "the window by processes other than the server and the load generator."]
+    w = path.get("workers")
+    if w is not None:
+        if "skipped" in w:
+            lines += ["", f"`--workers 2` / 1: skipped ({w['skipped']})."]
+        else:
+            lines += ["", f"`--workers 2` / `--workers 1`, 224 px JPEG -> /rollout JSON: {_num(w['2']['req_s'])} / "
+                      f"{_num(w['1']['req_s'])} req/s = {_num(w['ratio'], 2)}x (target >= {WORKERS_TARGET}: "
+                      f"{verdict(w['ratio'], WORKERS_TARGET, '>=')}); server CPU {_num(w['2']['cpu_ms_per_req'], 2)} / "
+                      f"{_num(w['1']['cpu_ms_per_req'], 2)} ms/req."]
+    d = path.get("deit")
+    if d is not None:
+        lines += ["", f"DeiT-Tiny (random weights), served to {d['clients']} clients, against the same model in this "
+                  f"process at batch {d['batch']} in the same run:", "",
+                  "| endpoint | req/s | floor | floor img/s | ratio | issue 17 now | target | verdict | server CPU ms/req |",
+                  "|---|---:|---|---:|---:|---:|---:|---|---:|"]
+        for name in DEIT_CASES:
+            c = d[name]
+            lines.append(f"| /{name} JSON | {_num(c['req_s'])} | {c['floor']} | {_num(d['floors_img_s'][c['floor']])} | "
+                         f"{_num(c['ratio'], 2)}x | {c['now']} | >= {c['target']} | "
+                         f"{verdict(c['ratio'], c['target'], '>=')} | {_num(c['cpu_ms_per_req'])} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.path", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short windows, for development")
+    p.add_argument("--body", default="auto", choices=("auto", *BODIES), help="request body kind (default: auto)")
+    p.add_argument("--cases", default=",".join(c.key for c in CASES), help="subset of the near-zero model's cases")
+    p.add_argument("--loader", choices=("wrk", "python"), help="load generator (default: wrk when installed)")
+    p.add_argument("--skip-workers", action="store_true", help="no --workers 2 / 1 comparison")
+    p.add_argument("--skip-deit", action="store_true", help="no DeiT-Tiny served / in-process comparison")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    a = p.parse_args(argv)
+    preset = QUICK if a.quick else FULL
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vit-bench-path-") as tmp:
+        results = run_path_bench(Path(tmp), preset, a.body, a.cases.split(","), not a.skip_workers, not a.skip_deit,
+                                 a.loader)
+    print("\n".join(render(results)))
+    print()
+    for t in targets(results):
+        print(f"- {verdict(t['value'], t['threshold'], t['kind']):<28} {t['name']}: {_num(t['value'], 2)} {t['unit']} "
+              f"(target {t['kind']} {t['threshold']})")
+    print(f"\n{time.monotonic() - t0:.0f} s")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
