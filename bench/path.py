@@ -1,6 +1,6 @@
 """Part D: the request path (issue 17). The server's CPU time per request on a near-zero model.
 
-    python -m bench.path [--quick] [--body auto|multipart|json|raw] [--cases ...] [--skip-deit] [--skip-workers]
+    python -m bench.path [--quick] [--body auto|multipart|json|raw] [--cases KEY,...] [--loader wrk|python]
 
 The model is a timm ViT with one block (embed 48, 3 heads, 224 px, patch 16, random seeded
 weights), so what the server spends is the path around the model: parsing, decoding, resizing,
@@ -87,6 +87,8 @@ DEIT_CASES = {
     "grad-rollout": ("/grad-rollout", {"format": "json", "category_id": inprocess.CATEGORY_ID}, "grad_floor", 0.85, "0.82x"),
 }
 WORKERS_TARGET = 1.5
+EXTRAS = ("workers", "deit")  # the two comparisons beside the cases, named in --cases like them
+ALL_KEYS = (*(c.key for c in CASES), *EXTRAS)
 
 FULL = {"warmup": 1.5, "duration": 5.0, "clients": 8, "deit_clients": 16, "deit_warmup": 3.0, "deit_duration": 8.0,
         "timing": {"warmup": 1, "min_reps": 4, "min_seconds": 1.5, "max_reps": 10}}
@@ -308,22 +310,28 @@ def server_has_workers() -> bool:
 
 
 # -- the part -----------------------------------------------------------------------------------
-def run_path_bench(workdir: Path, preset: dict, body: str = "auto", case_keys: list[str] | None = None,
-                   workers: bool = True, deit: bool = True, loader: str | None = None, log=print) -> dict:
+def run_path_bench(workdir: Path, preset: dict, body: str = "auto", keys: list[str] | None = None,
+                   loader: str | None = None, log=print) -> dict:
+    """Every case, `workers` and `deit` in `keys` (default: all of ALL_KEYS)."""
+    keys = list(ALL_KEYS) if keys is None else keys
+    unknown = set(keys) - set(ALL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown part D cases {sorted(unknown)}; from {', '.join(ALL_KEYS)}")
+    workers, deit = "workers" in keys, "deit" in keys
     loader = loader or loader_name()
-    cases = [c for c in CASES if case_keys is None or c.key in case_keys]
+    cases = [c for c in CASES if c.key in keys]
     images = {size: photo_jpeg(*SIZES[size], seed=SEED + i) for i, size in enumerate(SIZES)
               if any(c.image == size for c in cases) or (size == "224" and (workers or deit))}
     log(f"  load generator: {loader}" + ("" if loader == "wrk" else " (wrk is not installed: apt-get install wrk)"))
     log("  images: " + ", ".join(f"{s} JPEG {len(b) / 1024:.0f} KB" for s, b in images.items()))
     spec = served.save_model(tiny_model(), workdir / "tiny")
     out: dict = {"loader": loader, "image_kb": {s: len(b) / 1024 for s, b in images.items()},
-                 "model": dict(TINY), "cases": [], "workers": None, "deit": None}
+                 "model": dict(TINY), "clients": preset["clients"], "cases": [], "workers": None, "deit": None}
     clients, warmup, duration = preset["clients"], preset["warmup"], preset["duration"]
     with served.server(spec, [], workdir / "server-tiny.log", alias="tiny") as (port, proc):
         kind, why = choose_body(port, body, images["224"])
         out["body"], out["body_reason"] = kind, why
-        log(f"  body: {kind} ({why})")
+        log(f"  body: {kind} ({why}); {clients} clients")
         for case in cases:
             slow = case.image != "224"  # fewer requests per second: a longer window for as many
             fig = _measure(port, proc.pid, case.path, case.params, images[case.image], kind, clients, warmup,
@@ -422,7 +430,7 @@ def verdict(value: float | None, threshold: float, kind: str) -> str:
 def render(path: dict) -> list[str]:
     lines = ["", "## The request path: server CPU per request, near-zero model (part D)", "",
              f"Model: timm ViT, 1 block, embed 48, 3 heads, 224 px, random weights. Load: {path['loader']}, "
-             f"{path['cases'][0]['clients'] if path['cases'] else '-'} keep-alive clients; body: {path['body']} "
+             f"{path['clients']} keep-alive clients; body: {path['body']} "
              f"({path['body_reason']}). Server CPU: utime + stime of its process tree over the timed window, "
              "per answer completed in it.", "",
              "| case | req/s | server CPU ms/req | issue 17 now | target | verdict | answer | errors | others' cores |",
@@ -462,17 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.path", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short windows, for development")
     p.add_argument("--body", default="auto", choices=("auto", *BODIES), help="request body kind (default: auto)")
-    p.add_argument("--cases", default=",".join(c.key for c in CASES), help="subset of the near-zero model's cases")
+    p.add_argument("--cases", default=",".join(ALL_KEYS), help=f"subset of {','.join(ALL_KEYS)}")
     p.add_argument("--loader", choices=("wrk", "python"), help="load generator (default: wrk when installed)")
-    p.add_argument("--skip-workers", action="store_true", help="no --workers 2 / 1 comparison")
-    p.add_argument("--skip-deit", action="store_true", help="no DeiT-Tiny served / in-process comparison")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     a = p.parse_args(argv)
+    if set(a.cases.split(",")) - set(ALL_KEYS):
+        p.error(f"--cases: from {','.join(ALL_KEYS)}")
     preset = QUICK if a.quick else FULL
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vit-bench-path-") as tmp:
-        results = run_path_bench(Path(tmp), preset, a.body, a.cases.split(","), not a.skip_workers, not a.skip_deit,
-                                 a.loader)
+        results = run_path_bench(Path(tmp), preset, a.body, a.cases.split(","), a.loader)
     print("\n".join(render(results)))
     print()
     for t in targets(results):

@@ -181,10 +181,17 @@ def render(results: dict) -> str:
         from bench import toolkit
 
         lines += toolkit.render(results["toolkit"])
+    if results.get("path"):
+        from bench import path
+
+        lines += path.render(results["path"])
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
-        lines.append(f"- {verdict}  {t['name']}: {_fmt(t['value'])} {t['unit']} (target {t['kind']} {t['threshold']})")
+        by = ""
+        if t["pass"] is False and t["value"]:
+            by = f", missed by {t['value'] / t['threshold'] if t['kind'] == '<=' else t['threshold'] / t['value']:.2f}x"
+        lines.append(f"- {verdict}  {t['name']}: {_fmt(t['value'])} {t['unit']} (target {t['kind']} {t['threshold']}{by})")
     return "\n".join(lines) + "\n"
 
 
