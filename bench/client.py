@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", choices=sorted(ENDPOINTS))
     p.add_argument("--image", help="a PNG file, uploaded as is")
     p.add_argument("--request-file", help="a whole HTTP request to send instead of --endpoint and --image")
-    p.add_argument("--start-at", type=float, help="the timed window's start on time.monotonic() (default: after --warmup)")
+    p.add_argument("--start-at", type=float,
+                   help="the timed window's start on time.monotonic() (default: after --warmup)")
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--duration", type=float, default=6.0, help="timed seconds")
     p.add_argument("--warmup", type=float, default=1.5, help="untimed seconds first")
