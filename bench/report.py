@@ -191,8 +191,9 @@ def render(results: dict) -> str:
         by = ""
         if t["pass"] is False and t["value"]:
             by = f", missed by {t['value'] / t['threshold'] if t['kind'] == '<=' else t['threshold'] / t['value']:.2f}x"
+        note = f"; {t['note']}" if t.get("note") else ""
         lines.append(f"- {verdict}  {t['name']}: {_fmt(t['value'])} {t['unit']} "
-                     f"(target {t['kind']} {t['threshold']}{by})")
+                     f"(target {t['kind']} {t['threshold']}{by}{note})")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +220,8 @@ def machine_note(results: dict) -> str:
         f"- other CPU-heavy processes seen: {', '.join(busy) if busy else 'none'}",
         f"- run: `{s['command']}` ({'quick' if s['quick'] else 'full'}), {s['elapsed_s']:.0f} s",
         *([f"- part D run on its own after that: `{r['command']}` at {r['date_utc']} UTC, {r['elapsed_s']:.0f} s, "
-           f"load average at its end {_load(r['loadavg_end'])}"] if (r := s.get("path_run")) else []),
+           f"on {r.get('cpu_model', '?')} ({r.get('cpu_count', '?')} logical cores), load average at its end "
+           f"{_load(r['loadavg_end'])}"] if (r := s.get("path_run")) else []),
         "",
         "The client process shares these cores with the server, so served figures include its cost.",
         "Figures: results.json (all numbers), results.md (the printed table).",

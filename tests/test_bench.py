@@ -111,3 +111,17 @@ def test_photo_jpegs_are_the_sizes_of_photos():
         assert im.format == "JPEG" and im.size == (224, 224)
     assert 8_000 < len(small) < 30_000 and 300_000 < len(large) < 800_000  # issue 17: ~15 KB and ~500 KB
     assert path_bench.photo_jpeg(224, 224) == small  # seeded: every run uploads the same bytes
+
+
+def test_path_targets_say_by_how_much_and_skip_ratios_from_a_busy_machine():
+    case = {"title": "224 px JPEG -> /rollout JSON", "target_ms": 1.2, "cpu_ms_per_req": 3.0}
+    deit = {"clients": 16, "batch": 16,
+            "rollout": {"ratio": 0.7, "others_cores": 0.0, "floor_others_cores": 0.0},
+            "grad-rollout": {"ratio": 2.4, "others_cores": 0.1, "floor_others_cores": 0.9 * path_bench._busy_cores() + 1}}
+    rows = {t["name"].split(",")[0]: t for t in path_bench.targets({"cases": [case], "workers": None, "deit": deit})}
+    cpu = rows["server CPU per request"]
+    assert cpu["pass"] is False and path_bench.verdict(cpu["value"], 1.2, "<=") == "missed by 2.5x (+1.8 ms)"
+    assert rows["DeiT-Tiny /rollout JSON"]["pass"] is False  # a quiet machine: judged
+    assert rows["DeiT-Tiny /grad-rollout JSON"]["pass"] is None  # others took cores meanwhile: not judged
+    assert "not judged" in rows["DeiT-Tiny /grad-rollout JSON"]["note"]
+    assert rows["--workers 2 / --workers 1 req/s"]["pass"] is None  # not run
