@@ -271,9 +271,9 @@ def run_load(port: int, server_pid: int, path: str, ctype: str, body: bytes, cli
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         time.sleep(max(0.0, t1 - time.monotonic()))
-        cpu0, load0, box0 = tree_cpu_s(server_pid), tree_cpu_s(proc.pid), _box_busy_ticks()
+        ta, cpu0, load0, box0 = time.monotonic(), tree_cpu_s(server_pid), tree_cpu_s(proc.pid), _box_busy_ticks()
         time.sleep(max(0.0, t2 - time.monotonic()))
-        cpu1, load1, box1 = tree_cpu_s(server_pid), tree_cpu_s(proc.pid), _box_busy_ticks()
+        tb, cpu1, load1, box1 = time.monotonic(), tree_cpu_s(server_pid), tree_cpu_s(proc.pid), _box_busy_ticks()
         out, err = proc.communicate(timeout=duration + warmup + 300)
     finally:
         if proc.poll() is None:
@@ -291,7 +291,7 @@ def run_load(port: int, server_pid: int, path: str, ctype: str, body: bytes, cli
         ok, errors, p50, p95 = fig["requests"], fig["errors"], fig["p50_ms"], fig["p95_ms"]
     cores = os.cpu_count() or 1
     box_busy = (box1[0] - box0[0]) / max(box1[1] - box0[1], 1) * cores  # cores busy, all processes
-    server_cores, loader_cores = (cpu1 - cpu0) / duration, (load1 - load0) / duration
+    server_cores, loader_cores = (cpu1 - cpu0) / (tb - ta), (load1 - load0) / (tb - ta)  # ta, tb: t1, t2 + a few ms
     return {
         "loader": loader, "clients": clients, "seconds": duration, "requests": ok, "errors": errors,
         "req_s": ok / duration,
