@@ -1,4 +1,5 @@
-"""`python -m bench [--quick]`: run parts A (engine) and B (served), print, write docs/bench/."""
+"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit) and D (request path), print,
+write docs/bench/."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
 from service import runtime  # noqa: E402
-from bench import inprocess, report, served, toolkit  # noqa: E402
+from bench import inprocess, path, report, served, toolkit  # noqa: E402
 from bench.client import ENDPOINTS  # noqa: E402
 
 FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0,
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-served", action="store_true", help="no served parts (B and C's busy latency)")
     p.add_argument("--skip-toolkit", action="store_true", help="no part C (sweep cost, latency during maximizations)")
     p.add_argument("--sessions", type=int, default=2, help="activation maximizations running in part C")
+    p.add_argument("--skip-path", action="store_true", help="no part D (server CPU per request on a near-zero model)")
+    p.add_argument("--path-body", default="auto", choices=("auto", *path.BODIES),
+                   help="part D's request body (default auto: raw image/jpeg when the server takes it, else multipart)")
+    p.add_argument("--path-cases", default=",".join(path.ALL_KEYS), help=f"subset of {','.join(path.ALL_KEYS)}")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
@@ -45,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if set(args.path_cases.split(",")) - set(path.ALL_KEYS):
+        parser.error(f"--path-cases: from {','.join(path.ALL_KEYS)}")
     preset = QUICK if args.quick else FULL
     batches = _ints(args.batches or preset["batches"])
     clients = _ints(args.clients or preset["clients"])
@@ -91,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
                 results["toolkit"]["busy"] = toolkit.busy_latency(Path(tmp), args.sessions, duration, warmup)
 
-    results["targets"] = report.targets(engine, results["served"], plain)
+    results["path"] = None
+    if not args.skip_path:
+        print("D) the request path: server CPU per request on a near-zero model")
+        with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
+            results["path"] = path.run_path_bench(
+                Path(tmp), path.QUICK if args.quick else path.FULL, args.path_body, args.path_cases.split(","))
+
+    results["targets"] = report.targets(engine, results["served"], plain) + path.targets(results["path"])
     machine["loadavg_end"] = os.getloadavg()
     machine["competing_processes"] = sorted(set(machine["competing_processes"]) | set(report.competing_processes()))
     results["settings"] = {
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick, "model": inprocess.ARCH, "seed": inprocess.SEED, "category_id": inprocess.CATEGORY_ID,
         "batches": batches, "clients": clients, "served_duration_s": duration, "served_warmup_s": warmup,
         "timing": preset["timing"], "server_flags": {k: served.BATCHING[k] for k in args.batching.split(",")},
+        "path_body": args.path_body, "path_cases": args.path_cases,
         "elapsed_s": time.monotonic() - t0,
     }
     print()

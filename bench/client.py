@@ -9,6 +9,11 @@ streams: the request bytes are built once, so the client spends as little CPU as
 machine it shares with the server. Requests that complete inside the timed window (after the
 warm-up) count, for the rate and for the latencies; no new request starts after the window.
 Prints one JSON object: requests, errors, req_s, p50_ms, p95_ms, ...
+
+`--request-file F` sends the bytes of F (a whole HTTP request, built by the caller: bench/path.py
+uses it for bodies other than this module's multipart PNG) instead of `--endpoint`/`--image`, and
+`--start-at T` places the timed window at T on `time.monotonic()`'s clock (shared by every
+process on Linux), so that a caller can read the server's CPU time over the same window.
 """
 
 from __future__ import annotations
@@ -68,17 +73,17 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 async def _connection(host: str, port: int, request: bytes, window: tuple[float, float], stats: dict) -> None:
     t_start, t_end = window
     reader = writer = None
-    while time.perf_counter() < t_end:
+    while time.monotonic() < t_end:
         if writer is None:
             reader, writer = await asyncio.open_connection(host, port)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         try:
             status = await _exchange(reader, writer, request)
         except (ConnectionError, asyncio.IncompleteReadError, RuntimeError, ValueError, IndexError):
             status = -1
             writer.close()
             reader = writer = None
-        t1 = time.perf_counter()
+        t1 = time.monotonic()
         if t_start <= t1 <= t_end:
             if status == 200:
                 stats["latencies"].append(t1 - t0)
@@ -98,9 +103,10 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-async def load(host: str, port: int, request: bytes, clients: int, duration: float, warmup: float) -> dict:
-    now = time.perf_counter()
-    window = (now + warmup, now + warmup + duration)
+async def load(host: str, port: int, request: bytes, clients: int, duration: float, warmup: float,
+               start_at: float | None = None) -> dict:
+    start = time.monotonic() + warmup if start_at is None else start_at
+    window = (start, start + duration)
     stats: dict = {"latencies": [], "errors": 0}
     await asyncio.gather(*(_connection(host, port, request, window, stats) for _ in range(clients)))
     lat = sorted(stats["latencies"])
@@ -121,19 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.client")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--endpoint", choices=sorted(ENDPOINTS), required=True)
-    p.add_argument("--image", required=True, help="a PNG file, uploaded as is")
+    p.add_argument("--endpoint", choices=sorted(ENDPOINTS))
+    p.add_argument("--image", help="a PNG file, uploaded as is")
+    p.add_argument("--request-file", help="a whole HTTP request to send instead of --endpoint and --image")
+    p.add_argument("--start-at", type=float,
+                   help="the timed window's start on time.monotonic() (default: after --warmup)")
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--duration", type=float, default=6.0, help="timed seconds")
     p.add_argument("--warmup", type=float, default=1.5, help="untimed seconds first")
     a = p.parse_args(argv)
-    path, fields = ENDPOINTS[a.endpoint]
-    with open(a.image, "rb") as f:
-        request = build_request(a.host, a.port, path, fields, f.read())
-    out = asyncio.run(load(a.host, a.port, request, a.clients, a.duration, a.warmup))
+    if a.request_file:
+        with open(a.request_file, "rb") as f:
+            request = f.read()
+    elif a.endpoint and a.image:
+        path, fields = ENDPOINTS[a.endpoint]
+        with open(a.image, "rb") as f:
+            request = build_request(a.host, a.port, path, fields, f.read())
+    else:
+        p.error("give --endpoint and --image, or --request-file")
+    out = asyncio.run(load(a.host, a.port, request, a.clients, a.duration, a.warmup, a.start_at))
     ru = resource.getrusage(resource.RUSAGE_SELF)
     out["client_cpu_s"] = ru.ru_utime + ru.ru_stime
-    out["endpoint"] = a.endpoint
+    out["endpoint"] = a.endpoint or a.request_file
     json.dump(out, sys.stdout)
     return 0
 

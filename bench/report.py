@@ -181,11 +181,24 @@ def render(results: dict) -> str:
         from bench import toolkit
 
         lines += toolkit.render(results["toolkit"])
+    if results.get("path"):
+        from bench import path
+
+        lines += path.render(results["path"])
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
-        lines.append(f"- {verdict}  {t['name']}: {_fmt(t['value'])} {t['unit']} (target {t['kind']} {t['threshold']})")
+        by = ""
+        if t["pass"] is False and t["value"]:
+            by = f", missed by {t['value'] / t['threshold'] if t['kind'] == '<=' else t['threshold'] / t['value']:.2f}x"
+        note = f"; {t['note']}" if t.get("note") else ""
+        lines.append(f"- {verdict}  {t['name']}: {_fmt(t['value'])} {t['unit']} "
+                     f"(target {t['kind']} {t['threshold']}{by}{note})")
     return "\n".join(lines) + "\n"
+
+
+def _load(avg) -> str:
+    return ", ".join(f"{v:.2f}" for v in avg)
 
 
 def machine_note(results: dict) -> str:
@@ -202,10 +215,13 @@ def machine_note(results: dict) -> str:
         f"- the server runs its CPU defaults: {m.get('server_replicas')} replica(s) x {m.get('server_threads')} "
         "thread(s) (service/runtime.py)",
         f"- allocator tuned for part A as the server tunes it (service/runtime.py): {m.get('allocator_tuned')}",
-        f"- load average at start / end: {m['loadavg_start']} / {m['loadavg_end']}; CPUs busy "
+        f"- load average at start / end: {_load(m['loadavg_start'])} / {_load(m['loadavg_end'])}; CPUs busy "
         f"(others) just before the run: {m['cpu_busy_pct_before']:.0f}%",
         f"- other CPU-heavy processes seen: {', '.join(busy) if busy else 'none'}",
         f"- run: `{s['command']}` ({'quick' if s['quick'] else 'full'}), {s['elapsed_s']:.0f} s",
+        *([f"- part D run on its own after that: `{r['command']}` at {r['date_utc']} UTC, {r['elapsed_s']:.0f} s, "
+           f"on {r.get('cpu_model', '?')} ({r.get('cpu_count', '?')} logical cores), load average at its end "
+           f"{_load(r['loadavg_end'])}"] if (r := s.get("path_run")) else []),
         "",
         "The client process shares these cores with the server, so served figures include its cost.",
         "Figures: results.json (all numbers), results.md (the printed table).",

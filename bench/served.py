@@ -64,16 +64,26 @@ def _ready(port: int) -> bool:
 @contextlib.contextmanager
 def server(
     spec: str, flags: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None,
-    cwd: Path | None = None,
+    cwd: Path | None = None, alias: str = "deit",
 ) -> Iterator[tuple[int, subprocess.Popen]]:
-    """Start `python -m service serve --model deit=SPEC ...` with its defaults (log level included)
+    """Start `python -m service serve --model ALIAS=SPEC ...` with its defaults (log level included)
     but for `flags`, wait for /readyz == 200, stop it after. `env` adds to this process's environment;
     `cwd` (default: this one) is where it runs, and `python -m` imports `service` from there first."""
+    args = [sys.executable, "-m", "service", "serve", "--model", f"{alias}={spec}", *flags]
+    with running(args, log_path, timeout, env, cwd) as (port, proc):
+        yield port, proc
+
+
+@contextlib.contextmanager
+def running(
+    args: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[tuple[int, subprocess.Popen]]:
+    """Run `args --port P` (P free) until /readyz answers 200; terminate it after."""
     port = free_port()
-    args = [sys.executable, "-m", "service", "serve", "--model", f"deit={spec}", "--port", str(port), *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        proc = subprocess.Popen([*args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             deadline = time.monotonic() + timeout
             while not _ready(port):
