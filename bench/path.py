@@ -528,7 +528,7 @@ def render(path: dict) -> list[str]:
             lines += ["", f"`--workers 2` / `--workers 1`, 224 px JPEG -> /rollout JSON: {_num(w['2']['req_s'])} / "
                       f"{_num(w['1']['req_s'])} req/s = {_x(w['ratio'])} (target >= {WORKERS_TARGET}: "
                       f"{verdict(w['ratio'], WORKERS_TARGET, '>=', max(w[n]['others_cores'] for n in ('1', '2')))}); "
-                      "server CPU {_num(w['2']['cpu_ms_per_req'], 2)} / "
+                      f"server CPU {_num(w['2']['cpu_ms_per_req'], 2)} / "
                       f"{_num(w['1']['cpu_ms_per_req'], 2)} ms/req."]
     d = path.get("deit")
     if d is not None:
