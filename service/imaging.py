@@ -57,6 +57,8 @@ MAX_TILES = 16384
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is refused, never padded
 # Pixels converted or drawn per step: bounds the temporaries of the per-pixel arithmetic.
 CHUNK_PIXELS = 1 << 18
+# An overlay up to this many pixels keeps its float32 rows between its two passes (12 MB at most).
+KEEP_PIXELS = 1 << 20
 
 
 class _Reader(io.BytesIO):
@@ -152,7 +154,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
 # input pixel. Other formats decode whole; their resizes reduce by whole factors first
 # (Pillow's reducing_gap), which changes nothing for images at or below the target size.
 DRAFT_MARGIN = 2
-REDUCING_GAP = 3.0
+REDUCING_GAP = 2.0  # 1920 x 1280 -> 224 bicubic: 7 ms against 18 ms without, within 2 grey levels (mean 0.24)
 
 
 @dataclass(frozen=True)
@@ -367,27 +369,28 @@ def overlay(img: Image.Image, mask: np.ndarray, colormap: str = "jet") -> np.nda
 
     Two passes over row chunks (the brightest value first, then the pixels), so that besides the
     image and the uint8 answer only one chunk's float32 temporaries exist at a time; an image of
-    one chunk (up to CHUNK_PIXELS, e.g. 224 x 224) is computed once and kept between the passes.
+    up to KEEP_PIXELS (a default-size answer, 1024 x 1024) is computed once and kept between the
+    passes (12 bytes a pixel), larger ones are computed again in the second pass.
     """
-    lut = _lut(colormap)
+    lut255 = _lut(colormap) * np.float32(255.0)  # in units of 1/255, so the image adds as it is
     w, h = img.size
 
     def chunks():
         for y0, y1, m in _upsampled_rows(mask, img.size):
-            heat = np.take(lut, (m * 255.0).astype(np.uint8), axis=0)  # (rows, W, 3) in [0, 1]
-            heat += np.divide(np.asarray(img.crop((0, y0, w, y1))), np.float32(255.0), dtype=np.float32)
+            heat = np.take(lut255, (m * 255.0).astype(np.uint8), axis=0)  # (rows, W, 3): 255 x jet(mask)
+            np.add(heat, np.asarray(img.crop((0, y0, w, y1))), out=heat)  # 255 x (jet(mask) + image / 255)
             yield y0, y1, heat
 
-    one_chunk = list(chunks()) if w * h <= CHUNK_PIXELS else None
+    one_chunk = list(chunks()) if w * h <= KEEP_PIXELS else None
 
     def passes():
         return iter(one_chunk) if one_chunk is not None else chunks()
 
     peak = max(max((float(cam.max()) for _, _, cam in passes()), default=0.0), 1e-12)
     out = np.empty((h, w, 3), np.uint8)
+    scale = np.float32(255.0 / peak)
     for y0, y1, cam in passes():
-        cam /= peak
-        cam *= 255.0
+        cam *= scale
         out[y0:y1] = cam  # truncates, as astype(np.uint8) did
     return out
 
