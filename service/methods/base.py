@@ -103,7 +103,21 @@ class ClassRow:
         out.copy_(a[:, :, 0])
 
 
-Reduction = FuseHeads | ClassRow
+@dataclass(frozen=True)
+class WholeAttention:
+    """Keep A_l (H, N, N) per image, whole: for computing several methods' maps from one pass (POST /compare)."""
+
+    buffer: ClassVar[str] = "whole"
+
+    @staticmethod
+    def shape(heads: int, n: int) -> tuple[int, ...]:
+        return (heads, n, n)
+
+    def __call__(self, a: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(a)
+
+
+Reduction = FuseHeads | ClassRow | WholeAttention
 
 
 @dataclass(frozen=True)
@@ -287,7 +301,10 @@ def markdown_table() -> str:
     """The README's table of methods, parameters and defaults, made from the registry."""
     lines = ["| endpoint | parameters (default) | formats (default first) |", "|---|---|---|"]
     for m in REGISTRY.values():
-        params = "; ".join(_param_md(p) for p in param_infos(m.Params) if p.name != "format") or "none"
+        shown = [p for p in param_infos(m.Params) if p.name != "format" and p.name not in FAITHFULNESS_FIELDS]
+        params = "; ".join(_param_md(p) for p in shown) or "none"
+        if m.faithful:
+            params += "; the faithfulness options"
         lines.append(f"| `POST {m.route}` | {params.replace('|', chr(92) + '|')} | {', '.join(m.formats)} |")
     return "\n".join(lines)
 
