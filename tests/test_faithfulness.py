@@ -94,10 +94,20 @@ def test_curves_match_the_reference_alone(sharp, arch):
         assert curves.deletion[-1] == pytest.approx(curves.insertion[0], rel=1e-6)
 
 
-def test_more_steps_than_patches_and_a_sweep_scores_every_frame(sharp):
-    engine, r, x = sharp["vit_small_patch32_224"]  # 49 patches
-    (res,) = engine.run(x[:1], [job("rollout", faithfulness=True, faithfulness_steps=64)])
-    close(res.faithfulness[0], ref.faithfulness(r, x[0], res.maps, res.predictions[0].class_id, 64))
+def test_more_steps_than_patches_on_a_small_non_square_grid():
+    """A 48 x 80 input of 3 x 5 patches (15 < 20 steps): steps repeat counts; the blur is wider than the image."""
+    m = sharpen(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(48, 80), num_classes=10).eval(), 20)
+    engine, r = Engine(copy.deepcopy(m), torch.device("cpu")), ref.Reference(m)
+    x = torch.randn(2, 3, 48, 80, generator=torch.Generator().manual_seed(3))
+    res = engine.run(x, [job("rollout", faithfulness=True, faithfulness_steps=20),
+                         job("gae", category_id=4, faithfulness=True, faithfulness_steps=7, removal="mean")])
+    close(res[0].faithfulness[0], ref.faithfulness(r, x[0], res[0].maps, res[0].predictions[0].class_id, 20))
+    close(res[1].faithfulness[0], ref.faithfulness(r, x[1], res[1].maps, 4, 7, "mean"))
+    assert res[0].faithfulness[0].deletion[1] == res[0].faithfulness[0].deletion[0]  # floor(15 / 20) = 0 removed
+
+
+def test_a_sweep_scores_every_frame(sharp):
+    engine, r, x = sharp["vit_small_patch32_224"]
     (sw,) = engine.run(x[1:2], [job("grad-rollout-sweep", category_id=2, discard_ratios=(0.0, 0.9),
                                     faithfulness=True, faithfulness_steps=4, removal="mean")])
     assert len(sw.faithfulness) == 2

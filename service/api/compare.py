@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from schemas import requests as rq
@@ -29,9 +29,8 @@ from service.api.deps import Ctx, get_ctx
 from service.api.explain import _decode_all, _schema, _unless_gone
 from service.api.limits import prescan_json
 from service.api.parsing import read_request
-from service.methods import REGISTRY, InvalidParams, ModelShape
+from service.methods import REGISTRY, ModelShape
 from service.methods import compare as cmp
-from service.methods.base import predictions
 
 router = APIRouter(tags=["explain"])
 
@@ -83,41 +82,10 @@ class CompareResponse(BaseModel):
 
 def settings_of(body: CompareRequest, shape: ModelShape) -> list[tuple[str, Any]]:
     """Each setting validated as its method's own request would be; every error names its setting (422)."""
-    errors, out = [], []
-    for i, s in enumerate(body.settings):
-        at = ("body", "settings", i)
-        method = REGISTRY.get(s.method)
-        if method is None or not method.comparable:
-            names = ", ".join(m.name for m in REGISTRY.values() if m.comparable)
-            errors.append({"type": "value_error", "loc": (*at, "method"), "input": s.method,
-                           "msg": f"settings[{i}]: a method that answers one map is needed: {names}"})
-            continue
-        top = sorted(set(s.params) & (rq.REQUEST_FIELDS | rq.FAITHFULNESS_FIELDS))
-        if top:
-            errors += [{"type": "value_error", "loc": (*at, "params", f), "input": s.params[f],
-                        "msg": f"settings[{i}]: {f} is set for the whole comparison, at the top level"} for f in top]
-            continue
-        try:
-            sp = method.Params.model_validate(s.params)
-            method.check(sp, shape)
-        except ValidationError as e:
-            errors += [{**err, "loc": (*at, "params", *err["loc"]), "msg": f"settings[{i}]: {err['msg']}"}
-                       for err in e.errors(include_url=False, include_context=False)]
-            continue
-        except InvalidParams as e:
-            errors.append({"type": "value_error", "loc": (*at, "params", e.field), "input": getattr(sp, e.field),
-                           "msg": f"settings[{i}]: {e}"})
-            continue
-        out.append((method.name, sp))
-    if errors:
-        raise RequestValidationError(errors)
-    return out
-
-
-def ranking(curves: list[Any], order: str) -> list[int]:
-    """Best first: lowest deletion area (order most) or highest (order least); ties by lower index."""
-    sign = 1.0 if order == "most" else -1.0
-    return sorted(range(len(curves)), key=lambda i: (sign * curves[i].deletion_auc, i))
+    try:
+        return cmp.validate([(s.method, s.params) for s in body.settings], shape)
+    except cmp.BadSettings as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors]) from None
 
 
 @router.post(
@@ -149,15 +117,4 @@ async def compare(request: Request, ctx: Ctx = Depends(get_ctx)) -> JSONResponse
         finally:
             for t in submits:
                 t.cancel()
-    masks: list[Any] = [None] * len(settings)
-    curves: list[Any] = [None] * len(settings)
-    for (_, idx), r in zip(plan, results):
-        for k, i in enumerate(idx):
-            masks[i], curves[i] = r.maps[k], r.faithfulness[k]
-    answer = {
-        "model": served.name, "grid": shape.grid, "predictions": predictions(results[0], shape),
-        "results": [{"method": name, "params": REGISTRY[name].echo(sp), "mask": masks[i].tolist(),
-                     "faithfulness": curves[i].to_json()} for i, (name, sp) in enumerate(settings)],
-        "ranking": ranking(curves, body.order),
-    }
-    return JSONResponse(answer)
+    return JSONResponse(cmp.answer(served.name, shape, settings, plan, results, body.order))

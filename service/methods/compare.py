@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import ConfigDict
+from pydantic import ConfigDict, ValidationError
 
 from schemas import requests as rq
 from service.engine.jobs import Job, Result
-from service.methods.base import REGISTRY, Captured, Method, ModelShape, Needs, WholeAttention
+from service.methods.base import REGISTRY, Captured, InvalidParams, Method, ModelShape, Needs, WholeAttention, predictions
 
 MAX_SETTINGS = 8
 
@@ -96,3 +96,72 @@ def plan(settings: list[tuple[str, Any]], shape: ModelShape, steps: int, removal
                        removal=removal, order=order)
         out.append((Job(COMPARE, p), idx))
     return out
+
+
+# -- the settings in, the answer out (shared by the route and the command line) ----------------------
+class BadSettings(ValueError):
+    """Settings that cannot be compared: `errors` in pydantic's shape, each `loc` naming its setting."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(e["msg"] for e in errors))
+        self.errors = errors
+
+
+def comparable() -> list[str]:
+    return [m.name for m in REGISTRY.values() if m.comparable]
+
+
+def validate(settings: list[tuple[str, dict[str, Any]]], shape: ModelShape) -> list[tuple[str, Any]]:
+    """(method name, raw params) per setting -> (name, its validated Params), checked against the model as
+    that method's own request would be, or BadSettings listing every error with loc ("settings", i, ...)."""
+    errors, out = [], []
+    for i, (name, params) in enumerate(settings):
+        at = ("settings", i)
+        method = REGISTRY.get(name)
+        if method is None or not method.comparable:
+            errors.append({"type": "value_error", "loc": (*at, "method"), "input": name,
+                           "msg": f"settings[{i}]: a method that answers one map is needed: {', '.join(comparable())}"})
+            continue
+        top = sorted(set(params) & (rq.REQUEST_FIELDS | rq.FAITHFULNESS_FIELDS))
+        if top:
+            errors += [{"type": "value_error", "loc": (*at, "params", f), "input": params[f],
+                        "msg": f"settings[{i}]: {f} is set for the whole comparison, at the top level"} for f in top]
+            continue
+        try:
+            sp = method.Params.model_validate(params)
+        except ValidationError as e:
+            errors += [{**err, "loc": (*at, "params", *err["loc"]), "msg": f"settings[{i}]: {err['msg']}"}
+                       for err in e.errors(include_url=False, include_context=False)]
+            continue
+        try:
+            method.check(sp, shape)
+        except InvalidParams as e:
+            errors.append({"type": "value_error", "loc": (*at, "params", e.field), "input": getattr(sp, e.field),
+                           "msg": f"settings[{i}]: {e}"})
+            continue
+        out.append((method.name, sp))
+    if errors:
+        raise BadSettings(errors)
+    return out
+
+
+def ranking(curves: list[Any], order: str) -> list[int]:
+    """Best first: lowest deletion area (order most) or highest (order least); ties by lower index."""
+    sign = 1.0 if order == "most" else -1.0
+    return sorted(range(len(curves)), key=lambda i: (sign * curves[i].deletion_auc, i))
+
+
+def answer(model: str, shape: ModelShape, settings: list[tuple[str, Any]], jobs: list[tuple[Job, list[int]]],
+           results: list[Result], order: str) -> dict[str, Any]:
+    """The JSON answer: every setting's map and faithfulness in the order asked, and the ranking."""
+    masks: list[Any] = [None] * len(settings)
+    curves: list[Any] = [None] * len(settings)
+    for (_, idx), r in zip(jobs, results):
+        for k, i in enumerate(idx):
+            masks[i], curves[i] = r.maps[k], r.faithfulness[k]
+    return {
+        "model": model, "grid": shape.grid, "predictions": predictions(results[0], shape),
+        "results": [{"method": name, "params": REGISTRY[name].echo(sp), "mask": masks[i].tolist(),
+                     "faithfulness": curves[i].to_json()} for i, (name, sp) in enumerate(settings)],
+        "ranking": ranking(curves, order),
+    }
