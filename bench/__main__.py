@@ -1,4 +1,5 @@
-"""`python -m bench [--quick]`: run parts A (engine) and B (served), print, write docs/bench/."""
+"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit) and D (faithfulness),
+print, write docs/bench/."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
 from service import runtime  # noqa: E402
-from bench import inprocess, report, served, toolkit  # noqa: E402
+from bench import faithfulness, inprocess, report, served, toolkit  # noqa: E402
 from bench.client import ENDPOINTS  # noqa: E402
 
-FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0,
+FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0, "faithfulness_steps": 16,
         "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}
-QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5,
+QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5, "faithfulness_steps": 2,
          "timing": {"warmup": 1, "min_reps": 2, "min_seconds": 0.0, "max_reps": 2}}
 
 
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-served", action="store_true", help="no served parts (B and C's busy latency)")
     p.add_argument("--skip-toolkit", action="store_true", help="no part C (sweep cost, latency during maximizations)")
     p.add_argument("--sessions", type=int, default=2, help="activation maximizations running in part C")
+    p.add_argument("--skip-faithfulness", action="store_true", help="no part D (the faithfulness option's cost)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
@@ -91,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
                 results["toolkit"]["busy"] = toolkit.busy_latency(Path(tmp), args.sessions, duration, warmup)
 
-    results["targets"] = report.targets(engine, results["served"], plain)
+    results["faithfulness"] = None
+    if not args.skip_faithfulness:
+        print("D) the faithfulness option's cost against steps x 2 bare forwards")
+        results["faithfulness"] = faithfulness.cost(preset["timing"], preset["faithfulness_steps"])
+
+    results["targets"] = report.targets(engine, results["served"], plain) + faithfulness.targets(results["faithfulness"])
     machine["loadavg_end"] = os.getloadavg()
     machine["competing_processes"] = sorted(set(machine["competing_processes"]) | set(report.competing_processes()))
     results["settings"] = {
