@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print("D) the faithfulness option's cost against steps x 2 bare forwards")
         results["faithfulness"] = faithfulness.cost(preset["timing"], preset["faithfulness_steps"])
 
-    results["targets"] = report.targets(engine, results["served"], plain) + faithfulness.targets(results["faithfulness"])
+    results["targets"] = report.targets(engine, results["served"], plain)
+    results["targets"] += faithfulness.targets(results["faithfulness"])
     machine["loadavg_end"] = os.getloadavg()
     machine["competing_processes"] = sorted(set(machine["competing_processes"]) | set(report.competing_processes()))
     results["settings"] = {

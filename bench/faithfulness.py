@@ -83,7 +83,8 @@ def targets(f: dict | None) -> list[dict]:
 def render(f: dict) -> list[str]:
     lines = ["", f"## Faithfulness ({f['steps']} steps), in process, batch {f['batch']}, {f['device']} "
                  f"(ms per image)", "",
-             f"Floor: {f['steps']} x 2 bare forwards at batch {f['chunk']} = {f['floor_ms_per_image']:.1f} ms per image.",
+             f"Floor: {f['steps']} x 2 bare forwards at batch {f['chunk']} = "
+             f"{f['floor_ms_per_image']:.1f} ms per image.",
              "", "| | option off | option on | its cost | cost / floor (target <= 1.2) |", "|---|---:|---:|---:|---:|"]
     for m in ("rollout", "grad-rollout"):
         r = f[m]

@@ -137,7 +137,8 @@ class _Copy:
     class_id: int
 
 
-def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[int, int], chunk: int) -> list[list[Curves]]:
+def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[int, int],
+          chunk: int) -> list[list[Curves]]:
     """x (B, 3, H, W) the inputs the model sees, asks[i] image i's maps -> per image, per frame, Curves."""
     b, _, h, w = x.shape
     gh, gw = grid

@@ -22,7 +22,8 @@ from pydantic import ConfigDict, ValidationError
 
 from schemas import requests as rq
 from service.engine.jobs import Job, Result
-from service.methods.base import REGISTRY, Captured, InvalidParams, Method, ModelShape, Needs, WholeAttention, predictions
+from service.methods.base import (REGISTRY, Captured, InvalidParams, Method, ModelShape, Needs, WholeAttention,
+                                  predictions)
 
 MAX_SETTINGS = 8
 
