@@ -1,5 +1,5 @@
-"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit) and D (request path), print,
-write docs/bench/."""
+"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit), D (request path) and E
+(faithfulness), print, write docs/bench/."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
 from service import runtime  # noqa: E402
-from bench import inprocess, path, report, served, toolkit  # noqa: E402
+from bench import faithfulness, inprocess, path, report, served, toolkit  # noqa: E402
 from bench.client import ENDPOINTS  # noqa: E402
 
-FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0,
+FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0, "faithfulness_steps": 16,
         "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}
-QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5,
+QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5, "faithfulness_steps": 2,
          "timing": {"warmup": 1, "min_reps": 2, "min_seconds": 0.0, "max_reps": 2}}
 
 
@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path-body", default="auto", choices=("auto", *path.BODIES),
                    help="part D's request body (default auto: raw image/jpeg when the server takes it, else multipart)")
     p.add_argument("--path-cases", default=",".join(path.ALL_KEYS), help=f"subset of {','.join(path.ALL_KEYS)}")
+    p.add_argument("--skip-faithfulness", action="store_true", help="no part E (the faithfulness option's cost)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
@@ -106,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             results["path"] = path.run_path_bench(
                 Path(tmp), path.QUICK if args.quick else path.FULL, args.path_body, args.path_cases.split(","))
 
+    results["faithfulness"] = None
+    if not args.skip_faithfulness:
+        print("E) the faithfulness option's cost against steps x 2 bare forwards")
+        results["faithfulness"] = faithfulness.cost(preset["timing"], preset["faithfulness_steps"])
+
     results["targets"] = report.targets(engine, results["served"], plain) + path.targets(results["path"])
+    results["targets"] += faithfulness.targets(results["faithfulness"])
     machine["loadavg_end"] = os.getloadavg()
     machine["competing_processes"] = sorted(set(machine["competing_processes"]) | set(report.competing_processes()))
     results["settings"] = {

@@ -177,6 +177,10 @@ def render(results: dict) -> str:
                          f"{_fmt(c['p50_ms'], 1)} | {_fmt(c['p95_ms'], 1)} | {c['requests']} | {c['errors']} |")
         rss = ", ".join(f"{k}: {_fmt(v, 0)} MiB" for k, v in served["peak_rss_mb"].items())
         lines += ["", f"server peak RSS (VmHWM): {rss}"]
+    if results.get("faithfulness"):
+        from bench import faithfulness
+
+        lines += faithfulness.render(results["faithfulness"])
     if results.get("toolkit"):
         from bench import toolkit
 

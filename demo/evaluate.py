@@ -62,11 +62,16 @@ def coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return mask.reshape(gh, h // gh, gw, w // gw).mean(axis=(1, 3))
 
 
-def make_scenes(n: int, n_objects: int, seed: int, pre: Preprocess, grid: tuple[int, int]) -> list[Scene]:
+def model_input(engine: Engine, pre: Preprocess, img: Image.Image) -> torch.Tensor:
+    """The service's preprocessing of one image: its resize (pre) and the engine's normalisation -> (3, H, W)."""
+    return engine.prepare(torch.from_numpy(pre(img))[None])[0]
+
+
+def make_scenes(n: int, n_objects: int, seed: int, pre: Preprocess, engine: Engine) -> list[Scene]:
     out = []
     for i in range(n):
         img, objects = make_scene(scene_rng(seed, i), n_objects)
-        out.append(Scene(img, pre(img), [(c, coverage(m, grid)) for c, m in objects]))
+        out.append(Scene(img, model_input(engine, pre, img), [(c, coverage(m, engine.grid)) for c, m in objects]))
     return out
 
 
@@ -144,8 +149,8 @@ def _maps_for(engine: Engine, scenes: list[Scene], job: Job | None, classes: lis
 
 def evaluate(n: int, seed: int, engine: Engine, pre: Preprocess, curves: bool = True) -> dict:
     rng = np.random.default_rng(seed)
-    singles = make_scenes(n, 1, seed, pre, engine.grid)
-    pairs = make_scenes(n, 2, seed + 1, pre, engine.grid)
+    singles = make_scenes(n, 1, seed, pre, engine)
+    pairs = make_scenes(n, 2, seed + 1, pre, engine)
     truth = [s.objects[0][0] for s in singles]
     preds = run_jobs(engine, [s.x for s in singles], [make_job("rollout")] * len(singles))
     accuracy = float(np.mean([r.predictions[0].class_id == t for r, t in zip(preds, truth)]))
@@ -193,7 +198,7 @@ def picture_grid(engine: Engine, pre: Preprocess, seed: int, rows: int = 4) -> I
         draw.text((j * (tile + pad) + 2, 2), t, fill="black")
     for i in range(rows):
         img, objects = make_scene(scene_rng(seed + 7, i), 2)
-        x = pre(img)
+        x = model_input(engine, pre, img)
         (c0, _), (c1, _) = objects
         jobs = [make_job("rollout"), make_job("grad-rollout", category_id=c0), make_job("grad-rollout", category_id=c1),
                 make_job("attention", head="mean")]

@@ -69,3 +69,36 @@ def discard_ratio(what: str = "attentions") -> Any:
 
 def start_layer() -> Any:
     return below("layers", 0, "first block of the chain (skip early blocks that attend to one patch)")
+
+
+# -- faithfulness: perturbation tests of a map, asked for on any method that returns one ----------
+Removal = Literal["blur", "mean"]
+Order = Literal["most", "least"]
+MAX_FAITHFULNESS_STEPS = 64
+# The fields below are about scoring the map, not computing it: not part of a job's key, and
+# answered in the result's own `faithfulness` object rather than echoed in `params`.
+FAITHFULNESS_FIELDS = frozenset({"faithfulness", "faithfulness_steps", "removal", "order"})
+
+
+def faithfulness_steps() -> Any:
+    return Field(16, ge=1, le=MAX_FAITHFULNESS_STEPS,
+                 description="k: the deletion and insertion curves have k + 1 points")
+
+
+def removal() -> Any:
+    return Field("blur", description="what a removed patch becomes: blur (the image blurred by a Gaussian of "
+                                     "sigma = one patch) or mean (the image's per-channel mean)")
+
+
+def order() -> Any:
+    return Field("most", description="most: the map's most relevant patches go first; least: the least relevant")
+
+
+class Faithful(Params):
+    """The faithfulness option, for the methods whose answer is a map over the patches."""
+
+    faithfulness: bool = Field(False, description="add deletion and insertion curves of the explained class and "
+                                                  "their areas (2 x faithfulness_steps more forward passes)")
+    faithfulness_steps: int = faithfulness_steps()
+    removal: Removal = removal()
+    order: Order = order()

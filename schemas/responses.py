@@ -19,6 +19,19 @@ class Prediction(_Out):
     score: float  # softmax probability
 
 
+class Faithfulness(_Out):
+    """Deletion and insertion curves of one map (README "Faithfulness")."""
+
+    class_id: int  # the explained class: category_id where the method has one, else the top prediction
+    steps: int  # k
+    removal: Literal["blur", "mean"]
+    order: Literal["most", "least"]
+    deletion: list[float]  # k + 1 probabilities of the class, s = 0 .. k patches-steps removed
+    insertion: list[float]  # k + 1 probabilities, s = 0 .. k steps put back on the removed image
+    deletion_auc: float  # trapezoid rule over s / k: lower is more faithful (order most)
+    insertion_auc: float  # higher is more faithful (order most)
+
+
 class MaskResponse(_Out):
     model: str
     method: str  # rollout, grad-rollout, gae
@@ -26,6 +39,7 @@ class MaskResponse(_Out):
     grid: tuple[int, int]
     mask: Map
     predictions: list[Prediction]
+    faithfulness: Faithfulness | None = None  # present when asked
 
 
 class AttentionResponse(_Out):
@@ -50,6 +64,7 @@ class SweepResponse(_Out):
     discard_ratios: list[float]
     masks: list[Map]  # one per ratio, in order
     predictions: list[Prediction]
+    faithfulness: list[Faithfulness] | None = None  # one per ratio, when asked
 
 
 class ActivationMaxResponse(_Out):

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("explain", add_help=False,
                    help="run a method over images, through a server or in process (python -m service explain --help)")
+    sub.add_parser("compare", add_help=False,
+                   help="compare method settings on one image by their faithfulness (python -m service compare --help)")
     sub.add_parser("ray", add_help=False,
                    help="serve the HTTP API on Ray Serve, locally or on a cluster (pip install .[ray]; python -m service ray --help)")
     s = sub.add_parser("serve", help="serve the HTTP API")
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from service import cli
 
         return cli.main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from service import cli_compare
+
+        return cli_compare.main(argv[1:])
     if argv[:1] == ["ray"]:
         from service import ray_serve
 

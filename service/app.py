@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from service import imaging, runtime
-from service.api import explain, explorer, meta
+from service.api import compare, explain, explorer, meta
 from service.api.deps import Ctx, InvalidParams
 from service.api.explain import ClientGone
 from service.api.limits import safe_errors, safe_text
@@ -87,13 +87,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ctx = ctx
     app.include_router(explain.router)
+    app.include_router(compare.router)
     app.include_router(meta.router)
     app.include_router(explorer.router)
     _install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID", "X-Predicted-Class",
-                                                                "X-Predicted-Label", "X-Predicted-Score"])
+                                                                "X-Predicted-Label", "X-Predicted-Score",
+                                                                *explain.FAITHFULNESS_HEADERS])
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_body=settings.max_upload_bytes,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,

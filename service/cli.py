@@ -65,8 +65,9 @@ def _method_parser(method: Method) -> argparse.ArgumentParser:
         if name in ("model", "format"):
             continue
         default = "required" if f.is_required() else f"default {f.default!r}"
+        flag = {"nargs": "?", "const": "true"} if f.annotation is bool else {}  # --faithfulness alone means true
         g.add_argument("--" + name.replace("_", "-"), dest=f"param_{name}", metavar="VALUE",
-                       help=f"{f.description or ''} ({default})")
+                       help=f"{f.description or ''} ({default})", **flag)
     return p
 
 

@@ -7,6 +7,8 @@
         png = c.rollout("cat.png", format="png")              # bytes; Client.image(png) -> PIL image
         many = c.grad_rollout(["cat.png", "dog.png"], category_id=243)   # one Explanation per image
         x = c.activation_max(category_id=281, steps=50, on_progress=print)
+        r = c.gae("cat.png", category_id=281, faithfulness=True)   # r.faithfulness: curves and areas
+        cmp = c.compare("cat.png", [{"method": "rollout"}, {"method": "gae", "params": {"category_id": 281}}])
 
 Images may be paths, bytes (an encoded image), PIL images or numpy arrays (H, W[, 3]; uint8, or
 floats in [0, 1]). Parameters left out take the service's defaults (GET /methods lists them).
@@ -47,7 +49,8 @@ class ServiceError(RuntimeError):
 @dataclass
 class Explanation:
     """One image's JSON answer: `mask` (gh, gw) for mask methods, `masks` (R, gh, gw) for sweeps,
-    `layers` (L, gh, gw) for attention, `map` for qk; `raw` is the whole answer."""
+    `layers` (L, gh, gw) for attention, `map` for qk; `faithfulness` when asked (a sweep: one per ratio);
+    `raw` is the whole answer."""
 
     raw: dict[str, Any]
     predictions: list[dict[str, Any]] = field(default_factory=list)
@@ -55,11 +58,29 @@ class Explanation:
     masks: np.ndarray | None = None
     layers: np.ndarray | None = None
     map: np.ndarray | None = None
+    faithfulness: dict[str, Any] | list[dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> "Explanation":
         arrays = {k: np.asarray(raw[k], np.float32) for k in ("mask", "masks", "layers", "map") if k in raw}
-        return cls(raw=raw, predictions=raw.get("predictions", []), **arrays)
+        return cls(raw=raw, predictions=raw.get("predictions", []), faithfulness=raw.get("faithfulness"), **arrays)
+
+
+@dataclass
+class Comparison:
+    """POST /compare's answer: `results` (method, params, mask, faithfulness) in the order asked, their
+    `masks` (S, gh, gw), and `ranking`, indices of results best first."""
+
+    raw: dict[str, Any]
+    results: list[dict[str, Any]]
+    masks: np.ndarray
+    ranking: list[int]
+    predictions: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> "Comparison":
+        return cls(raw=raw, results=raw["results"], masks=np.asarray([r["mask"] for r in raw["results"]], np.float32),
+                   ranking=raw["ranking"], predictions=raw.get("predictions", []))
 
 
 @dataclass
@@ -101,6 +122,8 @@ def encode_image(img: ImageLike) -> tuple[str, bytes]:
 
 
 def _field(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, (list, tuple)):
         return ",".join(str(x) for x in v)
     return str(v)
@@ -120,20 +143,24 @@ class _Methods:
         fields = _fields(params, "json" if many else fmt)
         return self._send(_Call(path, fields, [encode_image(i) for i in given], fields["format"], many))
 
+    # The methods that answer maps also take the faithfulness option (README "Faithfulness"):
+    # faithfulness=True, faithfulness_steps, removal ("blur" | "mean"), order ("most" | "least").
     def rollout(self, images: Images, *, head_fusion: str | None = None, discard_ratio: float | None = None,
-                start_layer: int | None = None, model: str | None = None, format: str = "json"):
+                start_layer: int | None = None, model: str | None = None, format: str = "json",
+                **faithfulness: Any):
         return self._call("/rollout", images, format, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                          start_layer=start_layer, model=model)
+                          start_layer=start_layer, model=model, **_faithful(faithfulness))
 
     def grad_rollout(self, images: Images, *, category_id: int, head_fusion: str | None = None,
                      discard_ratio: float | None = None, start_layer: int | None = None, model: str | None = None,
-                     format: str = "json"):
+                     format: str = "json", **faithfulness: Any):
         return self._call("/grad-rollout", images, format, category_id=category_id, head_fusion=head_fusion,
-                          discard_ratio=discard_ratio, start_layer=start_layer, model=model)
+                          discard_ratio=discard_ratio, start_layer=start_layer, model=model, **_faithful(faithfulness))
 
     def gae(self, images: Images, *, category_id: int, start_layer: int | None = None, model: str | None = None,
-            format: str = "json"):
-        return self._call("/gae", images, format, category_id=category_id, start_layer=start_layer, model=model)
+            format: str = "json", **faithfulness: Any):
+        return self._call("/gae", images, format, category_id=category_id, start_layer=start_layer, model=model,
+                          **_faithful(faithfulness))
 
     def attention(self, images: Images, *, head: int | str | None = None, model: str | None = None,
                   format: str = "json"):
@@ -145,16 +172,24 @@ class _Methods:
 
     def rollout_sweep(self, images: Images, *, discard_ratios: Sequence[float] | None = None,
                       head_fusion: str | None = None, start_layer: int | None = None, frame_ms: int | None = None,
-                      model: str | None = None, format: str = "json"):
+                      model: str | None = None, format: str = "json", **faithfulness: Any):
         return self._call("/rollout/sweep", images, format, discard_ratios=discard_ratios, head_fusion=head_fusion,
-                          start_layer=start_layer, frame_ms=frame_ms, model=model)
+                          start_layer=start_layer, frame_ms=frame_ms, model=model, **_faithful(faithfulness))
 
     def grad_rollout_sweep(self, images: Images, *, category_id: int, discard_ratios: Sequence[float] | None = None,
                            head_fusion: str | None = None, start_layer: int | None = None,
-                           frame_ms: int | None = None, model: str | None = None, format: str = "json"):
+                           frame_ms: int | None = None, model: str | None = None, format: str = "json",
+                           **faithfulness: Any):
         return self._call("/grad-rollout/sweep", images, format, category_id=category_id,
                           discard_ratios=discard_ratios, head_fusion=head_fusion, start_layer=start_layer,
-                          frame_ms=frame_ms, model=model)
+                          frame_ms=frame_ms, model=model, **_faithful(faithfulness))
+
+    def compare(self, image: ImageLike, settings: Sequence[dict[str, Any]], *, faithfulness_steps: int | None = None,
+                removal: str | None = None, order: str | None = None, model: str | None = None):
+        """POST /compare: settings [{"method": "rollout", "params": {...}}, ...] -> Comparison."""
+        fields = _fields(dict(faithfulness_steps=faithfulness_steps, removal=removal, order=order, model=model), "json")
+        fields = {k: v for k, v in fields.items() if k != "format"} | {"settings": json.dumps(list(settings))}
+        return self._send(_Call("/compare", fields, [encode_image(image)], "json", False))
 
     def predict(self, images: Images, *, model: str | None = None):
         return self._call("/predict", images, "json", model=model)
@@ -197,7 +232,20 @@ class _Methods:
         return Image.open(io.BytesIO(data))
 
 
+FAITHFULNESS_OPTIONS = ("faithfulness", "faithfulness_steps", "removal", "order")
+
+
+def _faithful(options: dict[str, Any]) -> dict[str, Any]:
+    """The faithfulness keywords of a map method's call; anything else is a TypeError, as for a typo."""
+    unknown = sorted(set(options) - set(FAITHFULNESS_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return options
+
+
 def _answer(call: _Call, body: dict[str, Any]):
+    if call.path == "/compare":
+        return Comparison.of(body)
     if call.path == "/activation-max":
         img = Image.open(io.BytesIO(base64.b64decode(body["image"])))
         return Maximized(image=img, objective=body["objective"], raw=body)

@@ -169,3 +169,81 @@ class Reference:
         p = torch.softmax(c.logits, -1)
         s, i = p.topk(min(k, p.numel()))
         return list(zip(i.tolist(), s.tolist()))
+
+
+# -- faithfulness: deletion and insertion curves, from the definition ------------------------------
+def patch_order(m: np.ndarray, order: str = "most") -> list[int]:
+    """Row-major patch indices by the map's value, highest first, ties by lower index; `least` reversed."""
+    flat = [float(v) for v in np.asarray(m).ravel()]
+    idx = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+    return idx[::-1] if order == "least" else idx
+
+
+def blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """(n, n) float64: row i averages pixels j with weights exp(-(i-j)^2 / 2 sigma^2) for |i - j| <= ceil(4 sigma),
+    over the pixels inside the image only, renormalised to sum 1."""
+    r = math.ceil(4 * sigma)
+    g = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(max(0, i - r), min(n, i + r + 1)):
+            g[i, j] = math.exp(-((i - j) ** 2) / (2 * sigma**2))
+    return g / g.sum(dim=1, keepdim=True)
+
+
+def fully_removed(x: torch.Tensor, removal: str, grid: tuple[int, int]) -> torch.Tensor:
+    """x (3, H, W) float64 -> every pixel removed: the per-channel mean, or x blurred by sigma = one patch."""
+    _, h, w = x.shape
+    if removal == "mean":
+        return x.mean(dim=(1, 2), keepdim=True).expand_as(x).clone()
+    gh_, gw_ = blur_matrix(h, h / grid[0]), blur_matrix(w, w / grid[1])
+    return torch.stack([gh_ @ x[c] @ gw_.T for c in range(x.shape[0])])
+
+
+def patch_pixels(size: tuple[int, int], grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """(H, W) bool: the pixels of row-major patch `patch` (pixel (r, c) is in patch (r * gh // H, c * gw // W))."""
+    h, w = size
+    gh, gw = grid
+    pr, pc = divmod(patch, gw)
+    rows = torch.tensor([r * gh // h == pr for r in range(h)])
+    cols = torch.tensor([c * gw // w == pc for c in range(w)])
+    return rows[:, None] & cols[None, :]
+
+
+@dataclass
+class ReferenceCurves:
+    deletion: list[float]
+    insertion: list[float]
+    deletion_auc: float
+    insertion_auc: float
+
+
+def trapezoid(curve: list[float]) -> float:
+    k = len(curve) - 1
+    return float(sum((curve[s] + curve[s + 1]) / 2 * (1 / k) for s in range(k)))
+
+
+def faithfulness(ref: Reference, x: torch.Tensor, m: np.ndarray, class_id: int, steps: int = 16,
+                 removal: str = "blur", order: str = "most") -> ReferenceCurves:
+    """The curves of map m (gh, gw) on the model input x (3, H, W), in float64, one forward per image."""
+    x = x.double()
+    size, grid = tuple(x.shape[1:]), ref.grid
+    p = grid[0] * grid[1]
+    ranked = patch_order(m, order)
+    gone = fully_removed(x, removal, grid)
+    pixels = [patch_pixels(size, grid, i) for i in range(p)]
+
+    images = []  # deletion at s = 0 .. k, then insertion at s = 0 .. k
+    for kind in ("deletion", "insertion"):
+        for s in range(steps + 1):
+            chosen = torch.zeros(size, dtype=torch.bool)
+            for i in ranked[: s * p // steps]:
+                chosen |= pixels[i]
+            images.append(torch.where(chosen, gone, x) if kind == "deletion" else torch.where(chosen, x, gone))
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(images), 8):  # each image's forward is its own: 8 at a time only for speed
+            probs += torch.softmax(ref.model(torch.stack(images[start : start + 8])), -1)[:, class_id].tolist()
+    for store in (ref._attn, ref._q, ref._k):
+        store.clear()
+    deletion, insertion = probs[: steps + 1], probs[steps + 1 :]
+    return ReferenceCurves(deletion, insertion, trapezoid(deletion), trapezoid(insertion))

@@ -24,7 +24,7 @@ SEED = 31_337  # neither a training seed nor make eval's
 @pytest.fixture(scope="module")
 def setup():
     engine, pre = ev.load()
-    return engine, pre, ev.make_scenes(N, 1, SEED, pre, engine.grid), ev.make_scenes(N // 2, 2, SEED + 1, pre, engine.grid)
+    return engine, pre, ev.make_scenes(N, 1, SEED, pre, engine), ev.make_scenes(N // 2, 2, SEED + 1, pre, engine)
 
 
 def test_accuracy_and_pointing_floors(setup):

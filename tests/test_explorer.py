@@ -401,3 +401,88 @@ def test_activation_maximization_shows_live_progress(tab):
     img = s.page.eval_on_selector("#pane-a img.maximized", "i => [i.complete, i.naturalWidth, i.naturalHeight]")
     assert img == [True, 224, 224]
     assert Image.open(io.BytesIO(base64.b64decode(got["response"]["image"]))).size == (224, 224)
+
+
+# -- faithfulness ------------------------------------------------------------------------------------
+def assert_curves(got: np.ndarray, deletion, insertion):
+    """In columns across the chart, the pixels of each line's colour lie where its curve passes (the axis
+    runs from 0 to the highest value; columns where the two curves come close are left out)."""
+    h, w, _ = got.shape
+    pad, top = 4, max(max(deletion), max(insertion))
+    r, b = got[..., 0], got[..., 2]
+    colours = {"red": (r > 150) & (b < 110), "blue": (b > 150) & (r < 110)}
+
+    def y_at(values, x):
+        t = (x - pad) / (w - 2 * pad) * (len(values) - 1)
+        i = min(int(t), len(values) - 2)
+        v = values[i] + (values[i + 1] - values[i]) * (t - i)
+        slope = abs(values[i + 1] - values[i]) / top * (h - 2 * pad) / ((w - 2 * pad) / (len(values) - 1))
+        return h - pad - (h - 2 * pad) * v / top, slope
+
+    checked = 0
+    for x in range(pad + 3, w - pad - 3, 5):
+        (yd, sd), (yi, si) = y_at(deletion, x), y_at(insertion, x)
+        if abs(yd - yi) < 6 or x < 60 and min(yd, yi) < 18:  # the lines meet, or the axis label is there
+            continue
+        for colour, want, slope in (("red", yd, sd), ("blue", yi, si)):
+            ys = np.nonzero(colours[colour][:, x])[0]
+            assert ys.size, f"no {colour} pixel in column {x}"
+            assert np.min(np.abs(ys - want)) <= 2 + slope, (colour, x, want, ys)
+        checked += 1
+    assert checked >= 5, checked
+
+
+def test_the_curves_and_areas_show_under_the_map(tab, api, photo):
+    s = tab.open()
+    s.upload(photo)
+    s.method("grad-rollout")
+    s.page.check("#a-faithfulness")
+    s.set("faithfulness_steps", "3")
+    s.set("removal", "mean")
+    got = s.run()
+    assert got["request"]["faithfulness"] == "true" and got["request"]["faithfulness_steps"] == "3"
+    direct = api_post(api, "/grad-rollout", photo, got["request"])["faithfulness"]
+    f = got["response"]["faithfulness"]
+    np.testing.assert_allclose(f["deletion"], direct["deletion"], rtol=1e-6)
+    fig = s.page.locator("#pane-a figure.faithfulness")
+    assert float(fig.get_attribute("data-deletion-auc")) == pytest.approx(direct["deletion_auc"])
+    text = fig.inner_text()
+    assert f"deletion AUC {direct['deletion_auc']:.3f}" in text and f"insertion AUC {direct['insertion_auc']:.3f}" in text
+    assert "3 steps, mean" in text
+    chart = s.pixels("#pane-a canvas.curves")
+    assert_curves(chart, direct["deletion"], direct["insertion"])
+    # off again: no curves
+    s.page.uncheck("#a-faithfulness")
+    got = s.run()
+    assert "faithfulness" not in got["request"] and s.page.locator("#pane-a figure.faithfulness").count() == 0
+
+
+def test_the_comparison_is_a_ranked_table_of_thumbnails(tab, api, photo):
+    s = tab.open()
+    s.upload(photo)
+    settings = [{"method": "rollout", "params": {"head_fusion": "max"}},
+                {"method": "grad-rollout", "params": {"category_id": 281}},
+                {"method": "gae", "params": {"category_id": 281, "start_layer": 3}}]
+    s.page.fill("#compare-settings", json.dumps(settings))
+    s.page.fill("#compare-steps", "2")
+    s.page.click("#compare-run")
+    s.page.wait_for_selector("#comparison[data-state=done], #comparison[data-state=error]")
+    assert s.page.get_attribute("#comparison", "data-state") == "done", s.page.inner_text("#comparison-error")
+    data = s.page.evaluate("window.explorer.comparison")
+    fields = {"model": "deit", "settings": json.dumps(settings), "faithfulness_steps": "2"}
+    direct = api_post(api, "/compare", photo, fields)
+    assert data["ranking"] == direct["ranking"]
+    rows = s.page.locator("#comparison tbody tr")
+    assert rows.count() == 3
+    for rank, i in enumerate(direct["ranking"]):
+        row = rows.nth(rank)
+        assert row.get_attribute("data-result") == str(i)
+        res = direct["results"][i]
+        assert row.locator("td.deletion").inner_text() == f"{res['faithfulness']['deletion_auc']:.3f}"
+        assert row.locator("td.setting-text").inner_text().startswith(res["method"])
+        assert_drawn(s.pixels(f"#comparison tr[data-result='{i}'] canvas.heat"), res["mask"], 128, 96)
+    # a bad setting shows the service's detail, naming the setting
+    s.page.fill("#compare-settings", json.dumps([{"method": "qk"}]))
+    s.page.click("#compare-run")
+    s.page.wait_for_selector("#comparison[data-state=error]")
+    assert "settings.0.method" in s.page.inner_text("#comparison-error")

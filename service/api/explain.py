@@ -111,12 +111,28 @@ def _prediction_headers(served: ServedModel, result: Result) -> dict[str, str]:
     if not result.predictions:
         return {"X-Model": served.name}
     top = result.predictions[0]
-    return {
+    headers = {
         "X-Model": served.name,
         "X-Predicted-Class": str(top.class_id),
         "X-Predicted-Label": served.labels[top.class_id].encode("ascii", "replace").decode(),
         "X-Predicted-Score": f"{top.score:.6f}",
     }
+    return headers | _faithfulness_headers(result)
+
+
+FAITHFULNESS_HEADERS = ("X-Faithfulness-Class", "X-Deletion-AUC", "X-Insertion-AUC")
+
+
+def _faithfulness_headers(result: Result) -> dict[str, str]:
+    """The areas of the scored maps, one per map (a sweep's frames comma-separated, in order)."""
+    if not result.faithfulness:
+        return {}
+    curves = result.faithfulness
+    return dict(zip(FAITHFULNESS_HEADERS, (
+        ",".join(str(c.class_id) for c in curves),
+        ",".join(f"{c.deletion_auc:.6f}" for c in curves),
+        ",".join(f"{c.insertion_auc:.6f}" for c in curves),
+    )))
 
 
 # -- iterative methods ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from service.engine.faithfulness import Curves
     from service.methods.base import Method
 
 
@@ -35,8 +36,9 @@ class Prediction:
 @dataclass(frozen=True)
 class Result:
     """maps: what the method computed for this image (None for predict); the model's top classes;
-    for iterative methods, the objective at every step."""
+    for iterative methods, the objective at every step; the faithfulness scores of its maps."""
 
     maps: np.ndarray | None
     predictions: list[Prediction]
     objective: list[float] | None = None
+    faithfulness: list[Curves] | None = None  # one per map (frame), when the job asked

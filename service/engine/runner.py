@@ -15,18 +15,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 
 import timm
 import torch
 from torch import nn
 
 from service import models
+from service.engine import faithfulness
 from service.engine.capture import attention_modules, capture, install_hooks
 from service.engine.jobs import Job, Prediction, Result
 from service.methods import job
 from service.methods.base import Captured, ModelShape, Needs, Reduction
 
 TOP_K = 5
+# Perturbed copies per forward pass of the faithfulness curves (service/engine/faithfulness.py).
+FAITHFULNESS_CHUNK = {"cpu": 32, "cuda": 256}
 
 
 class Engine:
@@ -77,6 +81,9 @@ class Engine:
                 part = x[idx] if len(idx) < len(jobs) else x
                 for i, r in zip(idx, runner(part, [jobs[i] for i in idx], [needs[i] for i in idx])):
                     results[i] = r
+        scored = [i for i, j in enumerate(jobs) if j.method.asks_faithfulness(j.params)]
+        if scored:
+            self._score(x[scored] if len(scored) < len(jobs) else x, [jobs[i] for i in scored], scored, results)
         return results  # type: ignore[return-value]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -142,6 +149,19 @@ class Engine:
         return value
 
     # -- passes -----------------------------------------------------------------------------
+    def _score(self, x: torch.Tensor, jobs: Sequence[Job], idx: list[int], results: list) -> None:
+        """The faithfulness curves of the maps of results[idx], whose inputs are x (b, 3, H, W): all of
+        their perturbed copies through the model together, in chunks."""
+        asks = []
+        for i, j in zip(idx, jobs):
+            r, p = results[i], j.params
+            maps = torch.from_numpy(r.maps).reshape(-1, *self.grid)  # (F, gh, gw)
+            classes = tuple(j.method.explained_classes(p, r, self.shape))
+            asks.append(faithfulness.Ask(maps, classes, p.faithfulness_steps, p.removal, p.order))
+        chunk = FAITHFULNESS_CHUNK.get(x.device.type, 32)
+        for i, curves in zip(idx, faithfulness.score(self.model, x, asks, self.grid, chunk)):
+            results[i] = replace(results[i], faithfulness=curves)
+
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)

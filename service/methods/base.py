@@ -23,7 +23,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from schemas import responses as rs
-from schemas.requests import REQUEST_FIELDS, Fusion, Params
+from schemas.requests import FAITHFULNESS_FIELDS, REQUEST_FIELDS, Fusion, Params
 from service import imaging
 from service.engine import ops
 from service.engine.jobs import Job, Result
@@ -103,7 +103,21 @@ class ClassRow:
         out.copy_(a[:, :, 0])
 
 
-Reduction = FuseHeads | ClassRow
+@dataclass(frozen=True)
+class WholeAttention:
+    """Keep A_l (H, N, N) per image, whole: for computing several methods' maps from one pass (POST /compare)."""
+
+    buffer: ClassVar[str] = "whole"
+
+    @staticmethod
+    def shape(heads: int, n: int) -> tuple[int, ...]:
+        return (heads, n, n)
+
+    def __call__(self, a: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(a)
+
+
+Reduction = FuseHeads | ClassRow | WholeAttention
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,12 @@ class Method:
     # Iterative methods (activation maximization) run step by step in the background lane, through
     # `start`, `shifted`, `objective`, `update` and `result` instead of `compute`.
     iterative: ClassVar[bool] = False
+    # Methods whose maps are over the patches declare `faithful` and take the faithfulness option
+    # (their Params derive from schemas.requests.Faithful): the engine scores their maps after the
+    # pass (service/engine/faithfulness.py). `comparable` ones answer one map and can be compared
+    # (POST /compare).
+    faithful: ClassVar[bool] = False
+    comparable: ClassVar[bool] = False
 
     @property
     def route(self) -> str:
@@ -180,12 +200,25 @@ class Method:
         return Job(self, p)
 
     def group_key(self, p: Params) -> Params:
-        return p.model_copy(update={f: None for f in (*self.per_image, *REQUEST_FIELDS) if f in type(p).model_fields})
+        drop = (*self.per_image, *REQUEST_FIELDS, *FAITHFULNESS_FIELDS)
+        return p.model_copy(update={f: None for f in drop if f in type(p).model_fields})
 
     @staticmethod
     def echo(p: Params) -> dict[str, Any]:
-        """The parameters as answers repeat them: the method's own, without model and format."""
-        return p.model_dump(mode="json", exclude=REQUEST_FIELDS)
+        """The parameters as answers repeat them: the method's own, without model and format (and the
+        faithfulness option, which its answer reports on its own)."""
+        return p.model_dump(mode="json", exclude=REQUEST_FIELDS | FAITHFULNESS_FIELDS)
+
+    # -- faithfulness ----------------------------------------------------------------------------
+    def asks_faithfulness(self, p: Params) -> bool:
+        return self.faithful and bool(getattr(p, "faithfulness", False))
+
+    def explained_classes(self, p: Params, r: Result, shape: ModelShape) -> list[int]:
+        """The class each of the result's maps explains: `category_id` where the method has one, else
+        the top prediction; one per map (frame) in `r.maps`."""
+        frames = int(np.prod(r.maps.shape[:-2])) if r.maps.ndim > 2 else 1
+        cls = getattr(p, "category_id", None)
+        return [r.predictions[0].class_id if cls is None else int(cls)] * frames
 
     # -- computation -----------------------------------------------------------------------------
     def needs(self, p: Params, shape: ModelShape) -> Needs:
@@ -283,7 +316,10 @@ def markdown_table() -> str:
     """The README's table of methods, parameters and defaults, made from the registry."""
     lines = ["| endpoint | parameters (default) | formats (default first) |", "|---|---|---|"]
     for m in REGISTRY.values():
-        params = "; ".join(_param_md(p) for p in param_infos(m.Params) if p.name != "format") or "none"
+        shown = [p for p in param_infos(m.Params) if p.name != "format" and p.name not in FAITHFULNESS_FIELDS]
+        params = "; ".join(_param_md(p) for p in shown) or "none"
+        if m.faithful:
+            params += "; the faithfulness options"
         lines.append(f"| `POST {m.route}` | {params.replace('|', chr(92) + '|')} | {', '.join(m.formats)} |")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from service.methods.base import Captured, ModelShape, Needs, register
 from service.methods.rollout import MaskMethod
 
 
-class GAEParams(rq.Params):
+class GAEParams(rq.Faithful):
     category_id: int = rq.below("classes", description="class to explain")
     start_layer: int = rq.start_layer()
     format: rq.PictureFormat = rq.fmt(doc="png, jpeg or webp: heatmap over the uploaded image; json: the raw map")

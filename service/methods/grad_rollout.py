@@ -14,7 +14,7 @@ from service.methods.base import Captured, ModelShape, Needs, register
 from service.methods.rollout import MaskMethod
 
 
-class GradRolloutParams(rq.Params):
+class GradRolloutParams(rq.Faithful):
     category_id: int = rq.below("classes", description="class to explain")
     head_fusion: rq.Fusion = rq.head_fusion("mean")
     discard_ratio: float = rq.discard_ratio("weights")

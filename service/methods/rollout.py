@@ -21,7 +21,7 @@ from service.engine.jobs import Result
 from service.methods.base import Captured, FuseHeads, Method, ModelShape, Needs, predictions, register
 
 
-class RolloutParams(rq.Params):
+class RolloutParams(rq.Faithful):
     head_fusion: rq.Fusion = rq.head_fusion("max")
     discard_ratio: float = rq.discard_ratio("attentions")
     start_layer: int = rq.start_layer()
@@ -33,10 +33,15 @@ class MaskMethod(Method):
     """A method whose answer is one mask over the patches: JSON `mask`, PNG heatmap over the image."""
 
     Response = rs.MaskResponse
+    faithful = True
+    comparable = True
 
     def to_json(self, p: rq.Params, r: Result, shape: ModelShape) -> dict[str, Any]:
-        return {"model": shape.name, "method": self.name, "params": self.echo(p), "grid": shape.grid,
-                "mask": r.maps.tolist(), "predictions": predictions(r, shape)}
+        out = {"model": shape.name, "method": self.name, "params": self.echo(p), "grid": shape.grid,
+               "mask": r.maps.tolist(), "predictions": predictions(r, shape)}
+        if r.faithfulness:
+            out["faithfulness"] = r.faithfulness[0].to_json()
+        return out
 
     def draw(self, p: rq.Params, img: Image.Image, r: Result, shape: ModelShape) -> np.ndarray:
         return imaging.overlay(img, r.maps)

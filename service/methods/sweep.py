@@ -36,7 +36,7 @@ def _ratios(v: Any) -> Any:
     return v
 
 
-class _SweepFields(rq.Params):
+class _SweepFields(rq.Faithful):
     discard_ratios: tuple[float, ...] = Field(
         DEFAULT_RATIOS, min_length=1, max_length=MAX_RATIOS,
         description="discard ratios, each 0 <= r < 1, in frame order: a JSON list or a comma-separated form field",
@@ -74,11 +74,15 @@ def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, g
 
 class _Sweep(Method):
     Response = rs.SweepResponse
+    faithful = True  # every frame's map is scored
     of: str  # the method swept
 
     def to_json(self, p: _SweepFields, r: Result, shape: ModelShape) -> dict[str, Any]:
-        return {"model": shape.name, "method": self.of, "params": self.echo(p), "grid": shape.grid,
-                "discard_ratios": list(p.discard_ratios), "masks": r.maps.tolist(), "predictions": predictions(r, shape)}
+        out = {"model": shape.name, "method": self.of, "params": self.echo(p), "grid": shape.grid,
+               "discard_ratios": list(p.discard_ratios), "masks": r.maps.tolist(), "predictions": predictions(r, shape)}
+        if r.faithfulness:
+            out["faithfulness"] = [c.to_json() for c in r.faithfulness]  # one per ratio, in order
+        return out
 
     def render(self, p: _SweepFields, img: Image.Image, r: Result, shape: ModelShape) -> tuple[bytes, str]:
         frames = [_label(imaging.overlay(img, m), f"discard {ratio:.2f}") for m, ratio in zip(r.maps, p.discard_ratios)]

@@ -160,3 +160,30 @@ export function lineChart(canvas, values, total) {
   ctx.textBaseline = "bottom";
   ctx.fillText(lo.toPrecision(4), pad + 2, h - pad);
 }
+
+// Deletion (red) and insertion (blue) curves over s / k in [0, 1]; the probability axis runs from 0
+// to the curves' highest value, written at the top left.
+export function curves(canvas, deletion, insertion) {
+  const w = canvas.width, h = canvas.height, pad = 4;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, w, h);
+  const top = Math.max(...deletion, ...insertion, 1e-12);
+  const line = (values, colour) => {
+    const n = Math.max(values.length, 2);
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    values.forEach((v, i) => {
+      const x = pad + ((w - 2 * pad) * i) / (n - 1);
+      const y = h - pad - ((h - 2 * pad) * Math.max(0, v)) / top;
+      i === 0 ? ctx.moveTo(x, y) : ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  };
+  line(deletion, "#d9480f");
+  line(insertion, "#1c7ed6");
+  ctx.fillStyle = "#555";
+  ctx.font = "10px system-ui, sans-serif";
+  ctx.textBaseline = "top";
+  ctx.fillText(`p ≤ ${top.toPrecision(3)}`, pad + 2, pad);
+}

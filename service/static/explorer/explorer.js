@@ -101,7 +101,13 @@ function makeControl(p, method, model, column) {
   const dim = p.below && model ? model[p.below] : undefined;
   const ctl = { name: p.name, param: p, node: wrap, refresh() {} };
 
-  if (p.name === "format" || p.enum) {
+  if (p.type === "boolean") {
+    const box = el("input", { id, name: p.name, type: "checkbox", checked: p.default === true });
+    wrap.classList.add("check");
+    wrap.append(box);
+    ctl.get = () => (box.checked ? "true" : "false");
+    ctl.set = (v) => { box.checked = v === true || v === "true"; };
+  } else if (p.name === "format" || p.enum) {
     let options = p.name === "format" ? method.formats : p.enum;
     if (p.below && dim != null) options = [...Array.from({ length: dim }, (_, i) => i), ...p.enum];
     const select = el("select", { id, name: p.name });
@@ -386,6 +392,7 @@ class Column {
       this.colourBar();
       this.last.drawn = { kind: "mask", mask, width: s.w, height: s.h, canvas: s.heat };
       this.pane.dataset.kind = "mask";
+      if (data.faithfulness) this.view.append(faithfulnessView(data.faithfulness).node);
     } else if (data.layers) {
       this.showLayers(data);
     } else if (data.masks) {
@@ -433,6 +440,8 @@ class Column {
     const label = el("span", { class: "ratio" });
     this.view.append(s.node, el("div", { class: "player" }, play, slider, label));
     this.colourBar();
+    const scores = data.faithfulness ? faithfulnessView(data.faithfulness[0]) : null;
+    if (scores) this.view.append(scores.node);
     this.last.drawn = { kind: "sweep", mask: data.masks[0], frame: 0, width: s.w, height: s.h, canvas: s.heat };
     this.pane.dataset.kind = "sweep";
     const setFrame = (k) => {
@@ -442,6 +451,7 @@ class Column {
       this.last.drawn.mask = data.masks[k];
       this.last.drawn.frame = k;
       this.pane.dataset.frame = String(k);
+      scores?.update(data.faithfulness[k]);
     };
     let timer = null;
     const start = () => {
@@ -548,6 +558,98 @@ class Column {
       getSelection().selectAllChildren(pre);
     }
   }
+}
+
+// -- faithfulness: the deletion and insertion curves of a map, and their areas ---------------------
+function labelOf(classId) {
+  const l = state.labels.get(currentModel()?.name)?.[classId];
+  return l == null ? `class ${classId}` : `${l} (${classId})`;
+}
+
+function faithfulnessView(f, { small = false } = {}) {
+  const chart = el("canvas", { class: "curves", width: small ? 160 : 360, height: small ? 70 : 120,
+                               "aria-label": "deletion and insertion curves" });
+  const text = el("p", { class: "areas" });
+  const node = el("figure", { class: "faithfulness" }, chart, text);
+  const update = (f) => {
+    node.dataset.deletionAuc = String(f.deletion_auc);
+    node.dataset.insertionAuc = String(f.insertion_auc);
+    draw.curves(chart, f.deletion, f.insertion);
+    text.replaceChildren(
+      el("span", { class: "deletion", text: `deletion AUC ${f.deletion_auc.toFixed(3)}` }), " · ",
+      el("span", { class: "insertion", text: `insertion AUC ${f.insertion_auc.toFixed(3)}` }),
+      small ? null : el("span", { class: "hint", text: ` · ${labelOf(f.class_id)}, ${f.steps} steps, ${f.removal}, ${f.order} first` }));
+  };
+  update(f);
+  return { node, update };
+}
+
+// -- POST /compare: several settings on the image, ranked, as a table of thumbnails ----------------
+const DEFAULT_SETTINGS = (cls) => [
+  { method: "rollout", params: { head_fusion: "max", discard_ratio: 0.9 } },
+  { method: "rollout", params: { head_fusion: "min", discard_ratio: 0.9, start_layer: 2 } },
+  { method: "grad-rollout", params: { category_id: cls } },
+  { method: "gae", params: { category_id: cls } },
+];
+
+function settingText(s) {
+  const params = Object.entries(s.params || {}).map(([k, v]) => `${k}=${v}`).join(" ");
+  return params ? `${s.method} ${params}` : s.method;
+}
+
+async function runComparison() {
+  const box = $("#comparison"), out = $("#comparison-result"), error = $("#comparison-error");
+  const model = currentModel();
+  error.hidden = true;
+  out.replaceChildren();
+  const fail = (err) => { error.textContent = err.message || String(err); error.hidden = false; box.dataset.state = "error"; };
+  if (!state.image) return fail(new Error("Drop or choose an image first."));
+  if (!model) return fail(new Error("No model is ready."));
+  let settings;
+  const text = $("#compare-settings");
+  if (!text.value.trim()) text.value = JSON.stringify(DEFAULT_SETTINGS(state.predictions?.[0]?.class_id ?? 0), null, 1);
+  try {
+    settings = JSON.parse(text.value);
+  } catch (err) {
+    return fail(new Error(`settings: not JSON (${err.message})`));
+  }
+  const fields = { model: model.name, settings: JSON.stringify(settings), faithfulness_steps: $("#compare-steps").value,
+                   removal: $("#compare-removal").value, order: $("#compare-order").value };
+  box.dataset.state = "running";
+  try {
+    const resp = await api.call("/compare", { method: "POST", body: api.formBody(state.image, fields) });
+    const data = await resp.json();
+    state.comparison = data;
+    out.append(comparisonTable(data));
+    box.dataset.state = "done";
+  } catch (err) {
+    fail(err);
+  }
+}
+
+function comparisonTable(data) {
+  const table = el("table", { class: "ranking" });
+  table.append(el("thead", {}, el("tr", {}, ...["rank", "map", "setting", "deletion AUC", "insertion AUC", "curves"]
+    .map((t) => el("th", { text: t })))));
+  const body = el("tbody");
+  data.ranking.forEach((i, rank) => {
+    const r = data.results[i];
+    const [w, h] = draw.fit(state.image.width, state.image.height, 128, 64);
+    const base = el("canvas", { class: "base" }), heat = el("canvas", { class: "heat" });
+    draw.drawImage(base, state.image.img, w, h);
+    draw.drawHeat(heat, r.mask, w, h);
+    heat.style.opacity = opacity();
+    const thumb = el("div", { class: "stage thumb" }, base, heat);
+    const f = r.faithfulness;
+    body.append(el("tr", { "data-result": i },
+      el("td", { text: String(rank + 1) }), el("td", {}, thumb),
+      el("td", { class: "setting-text", text: settingText(r) }),
+      el("td", { class: "deletion", text: f.deletion_auc.toFixed(3) }),
+      el("td", { class: "insertion", text: f.insertion_auc.toFixed(3) }),
+      el("td", {}, faithfulnessView(f, { small: true }).node.querySelector("canvas"))));
+  });
+  table.append(body);
+  return table;
 }
 
 // -- predictions, models, images ------------------------------------------------------------
@@ -676,8 +778,12 @@ async function init() {
     drop.classList.remove("over");
     loadImage(e.dataTransfer.files[0]);
   });
-  $("#opacity").addEventListener("input", () => state.columns.forEach((c) => c.refreshOpacity()));
+  $("#opacity").addEventListener("input", () => {
+    state.columns.forEach((c) => c.refreshOpacity());
+    for (const c of document.querySelectorAll("#comparison canvas.heat")) c.style.opacity = opacity();
+  });
   $("#compare").addEventListener("change", (e) => setCompare(e.target.checked));
+  $("#compare-run").addEventListener("click", runComparison);
   $("#run-all").addEventListener("click", () => state.columns.forEach((c) => c.run()));
   $("#key-button").addEventListener("click", async () => {
     await keyDialog("Change or forget the API key.");
