@@ -55,6 +55,22 @@ def safe_text(text: str, limit: int = 300) -> str:
     return text
 
 
+# Printable ASCII but "%": what a header value may carry as it is (RFC 9110 field-vchar and space).
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+MAX_HEADER_TEXT = 256  # characters of a text (a label, a model name) put into a header
+
+
+def header_safe(text: str, limit: int = MAX_HEADER_TEXT) -> str:
+    """Text from a model's config (a label) or the operator (a model alias) as a header value:
+    percent-encoded UTF-8 outside printable ASCII (CR, LF, NUL, non-ASCII) and for "%" itself,
+    so that no text can split, forge or break the answer's headers (urllib.parse.unquote reads
+    it back); cut to `limit` characters first."""
+    from urllib.parse import quote
+
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return quote(text.encode("utf-8", "backslashreplace"), safe=_HEADER_SAFE)
+
+
 def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> Any:
     """An input value as a validation error may echo it: short, JSON-encodable, never NaN."""
     if value is None or isinstance(value, bool):
