@@ -31,8 +31,10 @@ MEDIA = {"gif": "image/gif", "apng": "image/png"}
 
 
 def _ratios(v: Any) -> Any:
-    """A form field sends the ratios comma-separated: "0,0.5,0.9"."""
+    """A form field sends the ratios comma-separated: "0,0.5,0.9"; counted before it is split."""
     if isinstance(v, str):
+        if v.count(",") >= MAX_RATIOS:
+            raise ValueError(f"more than {MAX_RATIOS} ratios")
         return [t.strip() for t in v.split(",") if t.strip()]
     return v
 
