@@ -342,6 +342,9 @@ class _Body:
             self.part = None
 
 
+ANSWER_KEYS = ("mask", "masks", "layers", "map", "predictions", "results")  # an explanation has one at least
+
+
 def _answer(call: _Call, body: dict[str, Any]):
     """A checked JSON answer -> the call's result; an answer without what the call expects is an AnswerError."""
     try:
@@ -355,6 +358,8 @@ def _answer(call: _Call, body: dict[str, Any]):
             if not isinstance(objective, list):
                 raise ValueError("no objective")
             return Maximized(image=img, objective=objective, raw=body)
+        if not any(k in body for k in ANSWER_KEYS):
+            raise ValueError(f"none of {', '.join(ANSWER_KEYS)} in it")
         if call.many:
             return [Explanation.of(r) for r in body["results"]] if "results" in body else [Explanation.of(body)]
         return Explanation.of(body)
