@@ -273,6 +273,7 @@ LIES = {
     "json-for-png": _answer(200, "application/json", GOOD_JSON),
     "empty-200": _answer(200, "image/png", b""),
     "no-content-type": _answer(200, None, PNG),
+    "png-as-html": _answer(200, "text/html", PNG),
     "bad-gzip": _answer(200, "image/png", b"not gzip at all", extra="Content-Encoding: gzip"),
     "not-http": lambda sock, n: sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n" * 10),
 }
@@ -307,10 +308,13 @@ def test_the_cli_writes_a_true_answer(tmp_path):
     assert _leftovers(tmp_path) == ["out.png"]
 
 
-@pytest.mark.parametrize("drip", ["headers", "body"])
+@pytest.mark.parametrize("drip", ["headers", "body", "stall"])
 def test_one_deadline_bounds_a_dripping_server(drip, tmp_path):
     head = _head(200, "image/png", len(PNG))
     behave = _drip(head) if drip == "headers" else _drip(b"", PNG, every_s=0.05)
+    if drip == "stall":  # nothing at all, for longer than the deadline
+        def behave(sock, n):  # noqa: F811
+            time.sleep(30)
     if drip == "body":
         def behave(sock, n, _b=behave):  # noqa: F811 - headers at once, then the body a byte at a time
             sock.sendall(head)
@@ -368,11 +372,12 @@ def test_the_retry_after_cap_applies_to_the_async_client_too():
 def test_an_answer_past_the_size_limit_is_refused_and_never_held(declared, tmp_path):
     total = 64 * 1024 * 1024
 
-    def behave(sock, n):
+    def behave(sock, n):  # a "PNG" from its signature to its end marker, only far too large
         sock.sendall(_head(200, "image/png", total if declared else None) + PNG[:8])
         block = b"\x00" * 65536
-        for _ in range(total // len(block)):
+        for _ in range((total - 8 - 12) // len(block)):
             sock.sendall(block)
+        sock.sendall(b"\x00" * ((total - 20) % len(block)) + PNG[-12:])
 
     with fake_server(behave) as (url, _):
         import tracemalloc
