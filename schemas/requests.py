@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Fusion = Literal["mean", "max", "min"]
 Format = Literal["png", "json"]
@@ -40,6 +40,17 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, frozen=True)
 
     model: str | None = Field(None, description="model alias from GET /models; default: the first configured model")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, v: Any, info: ValidationInfo) -> Any:
+        """JSON true/false is not a number: pydantic's lax mode would take it as 1/0 for an integer
+        or number field (or list item), which the published schema (integer, number) refuses."""
+        if cls.model_fields[info.field_name].annotation is bool:
+            return v
+        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
+            raise ValueError("a boolean (true/false) is not a value of this field; send a number or a string")
+        return v
 
 
 def fmt(default: str = "png", doc: str = "png: heatmap over the uploaded image; json: the raw map") -> Any:

@@ -22,7 +22,7 @@ from service.api.limits import safe_errors, safe_text
 from service.api.middleware import RequestMiddleware
 from service.api.parsing import ClientError
 from service.batching import QueueFull, ShuttingDown
-from service.budget import Busy, OverBudget
+from service.budget import Abandoned, Busy, OverBudget
 from service.config import Settings
 from service.metrics import Metrics
 from service.models import ModelSpec
@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "class-token attention and Q/K feature images for timm ViTs. The [explorer page](/) draws them "
         "in the browser.",
         lifespan=lifespan,
+        redirect_slashes=False,  # a redirect would be built from the request's Host header
     )
     app.state.ctx = ctx
     app.include_router(explain.router)
@@ -98,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                                 *explain.FAITHFULNESS_HEADERS])
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_body=settings.max_upload_bytes,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        api_key=settings.api_key.get_secret_value() if settings.api_key is not None else None,
+        cors=bool(settings.cors_origins),
     )
     return app
 
@@ -134,6 +136,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OverBudget, answer(413))
     app.add_exception_handler(ClientGone, answer(499))
     app.add_exception_handler(ClientDisconnect, answer(499))
+    app.add_exception_handler(Abandoned, answer(499))  # no one reads it: the client left, or has its 504
 
     async def timeout(_request: Request, _exc: Exception) -> JSONResponse:
         s = app.state.ctx.settings.request_timeout_s

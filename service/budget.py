@@ -32,11 +32,19 @@ class OverBudget(ValueError):
     status = 413
 
 
+class Abandoned(RuntimeError):
+    """No one waits for this work any more (the client left, or was answered 504): stop it."""
+
+
 def check_deadline(what: str = "the request") -> None:
-    """Raise TimeoutError when the current request's deadline has passed (no-op outside a request)."""
+    """Raise TimeoutError when the current request's deadline has passed, Abandoned when its
+    client has gone or has been answered already (no-op outside a request)."""
     due = deadline.get()
     if due is not None and time.monotonic() > due:
         raise TimeoutError(f"{what} ran past the request timeout")
+    held = lease.get()
+    if held is not None and held.stopped:
+        raise Abandoned(f"{what} stopped: {held.stopped}")
 
 
 def remaining() -> float | None:
@@ -109,6 +117,11 @@ class Lease:
     def __init__(self) -> None:
         self._held: list[tuple[Budget, int]] = []
         self.ended = False
+        self.stopped: str | None = None  # why the request's work must stop (read by check_deadline)
+
+    def stop(self, why: str) -> None:
+        """Tell the request's work (its threads included) to stop at its next check_deadline."""
+        self.stopped = self.stopped or why
 
     def hold(self, budget: Budget, n: int) -> None:
         """Record n units already taken from budget (given back by `end`)."""

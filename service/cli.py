@@ -6,11 +6,17 @@ process (`--model SPEC`, through the same engine, no server). The method's param
 own declarations (`python -m service explain --method gae --help` lists them).
 
 Output: with one image, OUT is the file to write (its extension picks the format unless
-`--format` is given; no OUT writes JSON to stdout); with several, OUT is a folder and each image
-writes OUT/<name>.<format>.
+`--format` is given; no OUT writes JSON to stdout), or an existing folder to write
+OUT/<name>.<format> into; with several, OUT is a folder (created) and each image writes
+OUT/<name>.<format>. OUT is checked before any request. An answer is written only when it is
+complete and is what was asked for (status, content type, a whole PNG/GIF or JSON that parses),
+through a temporary file renamed when done; `--deadline` bounds each image's whole answer and
+`--max-answer-mb` its size.
 
-Exit codes: 0 done; 2 bad arguments or parameters, or no images; 3 the server cannot be reached;
-4 the service (or the engine) refused an input, with its detail; 5 the service failed.
+Exit codes: 0 done; 2 bad arguments or parameters, no images, or an OUT that cannot be written;
+3 the server cannot be reached; 4 the service (or the engine) refused an input, with its
+detail; 5 the service failed, or answered something other than what was asked for (a redirect,
+an HTML page, a cut or oversized body, a broken event stream, no whole answer by the deadline).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
+import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,8 +36,9 @@ from pydantic import ValidationError
 from service.methods import REGISTRY, Method
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-SUFFIX_FORMATS = {".png": "png", ".json": "json", ".gif": "gif", ".apng": "apng"}
-EXTENSIONS = {"png": ".png", "json": ".json", "gif": ".gif", "apng": ".png"}
+SUFFIX_FORMATS = {".png": "png", ".json": "json", ".gif": "gif", ".apng": "apng", ".jpg": "jpeg", ".jpeg": "jpeg",
+                  ".webp": "webp"}
+EXTENSIONS = {"png": ".png", "json": ".json", "gif": ".gif", "apng": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
 OK, USAGE, UNREACHABLE, REFUSED, FAILED = 0, 2, 3, 4, 5
 
@@ -46,7 +56,7 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders or globs")
     p.add_argument("--method", default="rollout", choices=list(REGISTRY), help="the method (default: rollout)")
-    p.add_argument("-o", "--out", type=Path, help="output file (one image) or folder (several)")
+    p.add_argument("-o", "--out", help="output file, or an existing folder (one image); folder (several)")
     p.add_argument("--format", help="output format (default: from OUT's extension, else the method's first)")
     p.add_argument("--server", help="URL of a running service, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", help="X-API-Key for --server")
@@ -54,8 +64,22 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                                    "in this process (default: the bundled shapes-vit demo model)")
     p.add_argument("--device", default="cpu", help="device for the in-process engine (default cpu)")
     p.add_argument("--jobs", type=int, default=4, help="requests in flight with --server (default 4)")
+    p.add_argument("--deadline", type=_positive, default=600.0, metavar="S",
+                   help="with --server: longest wait for one image's whole answer, retries included (default 600)")
+    p.add_argument("--max-answer-mb", type=_positive, default=512.0, metavar="MB",
+                   help="with --server: largest answer taken (default 512)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
 
 
 def _method_parser(method: Method) -> argparse.ArgumentParser:
@@ -99,34 +123,81 @@ def expand(patterns: list[str]) -> list[Path]:
 def _output_format(args: argparse.Namespace, method: Method, many: bool) -> str:
     if args.format:
         fmt = args.format
-    elif args.out is not None and not many and args.out.suffix.lower() in SUFFIX_FORMATS:
-        fmt = SUFFIX_FORMATS[args.out.suffix.lower()]
+    elif args.out is not None and not many and not Path(args.out).is_dir() \
+            and Path(args.out).suffix.lower() in SUFFIX_FORMATS:
+        fmt = SUFFIX_FORMATS[Path(args.out).suffix.lower()]
     elif args.out is None:
         fmt = "json"
     else:
         fmt = method.formats[0]
     if fmt not in method.formats:
         raise Refused(USAGE, f"{method.name} answers {', '.join(method.formats)}, not {fmt}")
+    if args.out is None and fmt != "json":
+        raise Refused(USAGE, f"a {fmt} answer needs -o FILE (only JSON is written to stdout)")
     return fmt
+
+
+def _targets(out: str | None, images: list[Path | None], fmt: str) -> list[Path | None]:
+    """Where each image's answer goes (None: stdout), checked before any request: an existing
+    folder takes the answers inside it; a file's folder must exist; several images need a folder."""
+    def inside(folder: Path, image: Path | None) -> Path:
+        return folder / f"{image.stem if image else 'activation-max'}{EXTENSIONS[fmt]}"
+
+    if out is None:
+        return [None] * len(images)
+    path = Path(out)
+    if len(images) > 1:
+        if path.exists() and not path.is_dir():
+            raise Refused(USAGE, f"-o {out}: not a folder (several images write one file each into a folder)")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Refused(USAGE, f"-o {out}: cannot create the folder: {e.strerror or e}") from None
+        return [inside(path, image) for image in images]
+    if path.is_dir():
+        return [inside(path, images[0])]
+    if out.endswith(("/", os.sep)):
+        raise Refused(USAGE, f"-o {out}: no such folder")
+    if not path.parent.is_dir():
+        raise Refused(USAGE, f"-o {out}: no such folder {str(path.parent)!r}")
+    return [path]
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """data -> target through a temporary file beside it, renamed when complete: a failure never
+    leaves a partial file under the target's name."""
+    fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(part, target)
+    except BaseException:
+        Path(part).unlink(missing_ok=True)
+        raise
 
 
 # -- the two ways to run a method ------------------------------------------------------------------
 class Remote:
     """Through a running service, by the Python client: one request per image."""
 
-    def __init__(self, url: str, api_key: str | None, model: str | None) -> None:
+    def __init__(self, url: str, api_key: str | None, model: str | None, deadline: float, max_answer_mb: float) -> None:
         from service.client import Client
 
-        self.client, self.model = Client(url, api_key=api_key, retries=5), model
+        self.client = Client(url, api_key=api_key, retries=5, deadline=deadline,
+                             max_answer_bytes=int(max_answer_mb * 1024 * 1024))
+        self.model = model
 
-    def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress) -> bytes:
+    def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress,
+            target: Path | None) -> bytes | None:
+        """-> the answer's bytes, or None when it has been written to `target` (streamed there)."""
         from service.client import ServiceError
 
         try:
             if method.iterative:  # streamed, for the progress bar
                 answer = self.client.activation_max(image, model=self.model, on_progress=progress, **params)
                 return json.dumps(answer.raw).encode() if fmt == "json" else _png(answer.image)
-            return self.client.request(method.route, image, format=fmt, model=self.model, **params)
+            got = self.client.request(method.route, image, format=fmt, model=self.model, to=target, **params)
+            return None if target is not None else got
         except ServiceError as e:
             raise Refused(REFUSED if e.status < 500 else FAILED, f"{image or method.name}: {e.status}: {e.detail}") from None
 
@@ -146,7 +217,8 @@ class Local:
         self.engine = Engine(model, torch.device(device), name=spec.alias)
         self.preprocess = models.Preprocess.from_model(model)
 
-    def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress) -> bytes:
+    def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress,
+            target: Path | None) -> bytes:
         import torch
 
         from service import imaging
@@ -157,8 +229,8 @@ class Local:
         try:
             p = method.Params(**params, format=fmt) if "format" in method.Params.model_fields else method.Params(**params)
             method.check(p, shape)
-            target = self.preprocess.target(method.canvas(p))
-            decoded = imaging.prepare(image.read_bytes(), 40_000_000, target) if image else None
+            need = self.preprocess.target(method.canvas(p))
+            decoded = imaging.prepare(image.read_bytes(), 40_000_000, need) if image else None
         except (InvalidParams, imaging.ImageError) as e:
             raise Refused(REFUSED, f"{image or method.name}: {e}") from None
         img = decoded.canvas if decoded is not None else None
@@ -213,13 +285,13 @@ def _run(args, method: Method, params: dict, out, err) -> int:
     if missing:
         raise Refused(USAGE, f"no such image file: {', '.join(missing)}")
     many = len(images) > 1
-    fmt = _output_format(args, method, many)
     if many and args.out is None:
         raise Refused(USAGE, "several images need -o FOLDER")
-    if many:
-        args.out.mkdir(parents=True, exist_ok=True)
+    fmt = _output_format(args, method, many)
+    targets = _targets(args.out, images, fmt)
     try:
-        runner = Remote(args.server, args.api_key, args.model) if args.server else Local(args.model, args.device)
+        runner = (Remote(args.server, args.api_key, args.model, args.deadline, args.max_answer_mb) if args.server
+                  else Local(args.model, args.device))
     except Exception as e:  # noqa: BLE001 - a model that cannot load is the user's to fix
         raise Refused(FAILED, f"cannot load the model: {type(e).__name__}: {e}") from None
     bar = tqdm(total=len(images), unit="image", disable=args.quiet or not many, file=err)
@@ -231,30 +303,28 @@ def _run(args, method: Method, params: dict, out, err) -> int:
             steps_bar.set_postfix(objective=f"{value:.3f}")
             steps_bar.update(1)
 
-    def one(image: Path | None) -> tuple[Path | None, bytes]:
-        return image, runner.run(method, params, image, fmt, progress)
+    def one(job: tuple[Path | None, Path | None]) -> tuple[Path | None, bytes | None]:
+        image, target = job
+        return target, runner.run(method, params, image, fmt, progress, target)
 
     try:
         jobs = args.jobs if isinstance(runner, Remote) else 1
         with ThreadPoolExecutor(max(1, jobs)) as pool:
-            for image, body in pool.map(one, images):
-                _write(body, image, args.out, many, fmt, out)
+            for target, body in pool.map(one, zip(images, targets)):
+                if target is None:
+                    out.write(body.decode() + "\n")
+                elif body is not None:
+                    write_atomically(target, body)
                 bar.update(1)
     except httpx.TransportError as e:
         raise Refused(UNREACHABLE, f"cannot reach the server at {args.server}: {e}") from None
+    except OSError as e:  # the output could not be written (a full disk, no permission)
+        raise Refused(USAGE, f"cannot write the output: {e}") from None
     finally:
         bar.close()
         if steps_bar is not None:
             steps_bar.close()
     return OK
-
-
-def _write(body: bytes, image: Path | None, out_path: Path | None, many: bool, fmt: str, out) -> None:
-    if out_path is None:
-        out.write(body.decode() + "\n")
-        return
-    target = out_path / f"{image.stem if image else 'activation-max'}{EXTENSIONS[fmt]}" if many else out_path
-    target.write_bytes(body)
 
 
 def _png(img) -> bytes:

@@ -90,6 +90,21 @@ class Settings(BaseSettings):
             return [s for s in (p.strip() for p in v.split(",")) if s]
         return v
 
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, v: SecretStr | None) -> SecretStr | None:
+        """A key that is set must be one a client can send: an empty or blank one (an unset shell
+        variable, VIT_API_KEY=) would otherwise switch authentication off. Fail closed."""
+        if v is None:
+            return v
+        key = v.get_secret_value()
+        if not key.strip():
+            raise ValueError("the API key is set but empty or blank (an unset shell variable?); refusing to start "
+                             "without authentication: give a real key, or leave --api-key out to serve without one")
+        if not all("\x21" <= c <= "\x7e" for c in key):
+            raise ValueError("the API key must be printable ASCII without spaces (it is sent as a header value)")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if not self.models:

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas import responses as rs
 from service import imaging
 from service.api.deps import Ctx, get_ctx
+from service.api.limits import header_safe
 from service.api.parsing import RAW_TYPES, admit_images, read_request
 from service.engine import ops
 from service.engine.jobs import Job, Result
@@ -108,13 +109,14 @@ async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
 
 
 def _prediction_headers(served: ServedModel, result: Result) -> dict[str, str]:
+    """Headers carry text made header-safe (percent-encoded); the JSON answers keep it as it is."""
     if not result.predictions:
-        return {"X-Model": served.name}
+        return {"X-Model": header_safe(served.name)}
     top = result.predictions[0]
     headers = {
-        "X-Model": served.name,
+        "X-Model": header_safe(served.name),
         "X-Predicted-Class": str(top.class_id),
-        "X-Predicted-Label": served.labels[top.class_id].encode("ascii", "replace").decode(),
+        "X-Predicted-Label": header_safe(served.labels[top.class_id]),
         "X-Predicted-Score": f"{top.score:.6f}",
     }
     return headers | _faithfulness_headers(result)
@@ -178,7 +180,7 @@ async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, s
         # cancelled; a stream that never starts (its client gone first) closes it when collected.
         weakref.finalize(events, close)
         return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Model": served.name})
+                                 headers={"Cache-Control": "no-cache", "X-Model": header_safe(served.name)})
 
     async def run() -> None:
         async for _ in steps():

@@ -21,8 +21,14 @@ STATIC = Path(__file__).resolve().parent.parent / "static" / "explorer"
 PREFIX = "/explorer/"  # the page's own files; open without the API key
 MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+# The page asks for the API key: it must never be framed (clickjacking), and it runs only its own
+# scripts. Styles: its stylesheet, plus the style attributes its script sets (score bars); images:
+# its own, and the answers shown as blob: and data: URLs; requests: this origin only.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; "
+       "connect-src 'self'; base-uri 'none'; frame-ancestors 'none'")
 # The page changes with the service: browsers revalidate rather than run a stale script.
-HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+           "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer"}
 
 router = APIRouter()
 

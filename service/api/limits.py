@@ -31,6 +31,7 @@ MAX_DEPTH = 8  # a valid body nests 2 deep ({"image": [...]})
 MAX_NUMBER_CHARS = 64  # longest number literal; Python refuses ints over 4300 digits
 EXCERPT_CHARS = 64  # longest echo of an input value
 MAX_ERRORS = 16  # validation errors listed in one answer
+MAX_TEXT_CHARS = 4096  # longest text parameter (a model alias, a comma-separated list of ratios)
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BRACKETS = re.compile(rb"[\[\]{}]")
@@ -53,6 +54,22 @@ def safe_text(text: str, limit: int = 300) -> str:
     if not text.isascii():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+# Printable ASCII but "%": what a header value may carry as it is (RFC 9110 field-vchar and space).
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+MAX_HEADER_TEXT = 256  # characters of a text (a label, a model name) put into a header
+
+
+def header_safe(text: str, limit: int = MAX_HEADER_TEXT) -> str:
+    """Text from a model's config (a label) or the operator (a model alias) as a header value:
+    percent-encoded UTF-8 outside printable ASCII (CR, LF, NUL, non-ASCII) and for "%" itself,
+    so that no text can split, forge or break the answer's headers (urllib.parse.unquote reads
+    it back); cut to `limit` characters first."""
+    from urllib.parse import quote
+
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return quote(text.encode("utf-8", "backslashreplace"), safe=_HEADER_SAFE)
 
 
 def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> Any:
@@ -175,10 +192,16 @@ def parse_json_body(body: bytes, max_images: int) -> tuple[dict[str, Any], list[
     """A JSON request body -> (parameter fields, decoded image bytes). Blocking: call it in a thread.
 
     Raises BodyError with 400 for malformed JSON and 422 for well-formed but unusable content.
+    Only UTF-8 is JSON (RFC 8259): json.loads would also take UTF-16 and UTF-32 bytes, whose
+    code units can hold the quote and bracket bytes the pre-scan steers by.
     """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BodyError(400, f"the JSON body is not UTF-8 (byte {e.start}); JSON must be UTF-8") from None
     prescan_json(body, max_tokens=8 * MAX_FIELDS + 4 * max_images + 16)
     try:
-        parsed = json.loads(body, parse_int=_number(int), parse_float=_number(float),
+        parsed = json.loads(text, parse_int=_number(int), parse_float=_number(float),
                             parse_constant=_constant, object_pairs_hook=_members)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BodyError(400, f"malformed JSON body: {safe_text(str(e), 200)}") from None
@@ -202,6 +225,15 @@ def parse_json_body(body: bytes, max_images: int) -> tuple[dict[str, Any], list[
         except (binascii.Error, ValueError):
             raise BodyError(422, f"image[{i}] is not valid base64") from None
     return parsed, images
+
+
+def check_text_fields(fields: dict[str, Any]) -> None:
+    """Refuse (422) a text parameter longer than MAX_TEXT_CHARS, before anything splits or
+    validates it (a list sent as one comma-separated string would otherwise be split whole)."""
+    for key, value in fields.items():
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and len(v) > MAX_TEXT_CHARS for v in items):
+            raise BodyError(422, f"field {safe_text(repr(key), 80)} holds text longer than {MAX_TEXT_CHARS} characters")
 
 
 # -- multipart --------------------------------------------------------------------------------------

@@ -3,18 +3,26 @@
 1. X-Request-ID: taken from the request when sane, else generated; put on every answer (errors
    and health included) and, through a ContextVar, on every log line of the request.
 2. API key: when configured, everything but /healthz, /readyz and the explorer page's own files
-   (`/`, `/explorer/...`: they hold no data; the page sends the key on its API calls) needs a
-   matching X-API-Key.
+   (`/`, `/explorer/...`: they hold no data; the page sends the key on its API calls) needs
+   exactly one X-API-Key header, matching (two are ambiguous: 401 whatever their order). With
+   CORS origins configured, a browser's preflight (OPTIONS with Origin and
+   Access-Control-Request-Method, which never carries the key) goes on to the CORS middleware,
+   which answers it without reaching a route. A scope that is not HTTP is refused (a websocket
+   is closed before it is accepted); only the lifespan passes.
 3. Body limit: a Content-Length over the limit is refused before reading; a body that streams
    past the limit is cut off with 413, never read whole into memory. Body bytes are taken from
    a budget shared by all requests (503 + Retry-After when it is spent).
 4. Read timeout: each next piece of the body must come within --read-timeout-s (else 408); an
    answer given before the body was read to its end closes the connection, so that the rest
-   of a body cannot hold it. (Headers are timed by service/http.py.)
+   of a body cannot hold it. (Headers are timed by service/http.py.) The timer is for the body
+   only: once it has been read, `receive` waits for the client's disconnect as long as the
+   answer takes (a server-sent event stream listens for it), and one watcher does the waiting,
+   so that work in threads stops when the client leaves (budget.Lease.stop, check_deadline).
 5. Deadline: the request runs in its own task under --request-timeout-s; past it (plus a
    grace) the answer is 504 even while a worker thread cannot be interrupted, and that work
    stops at its next deadline check (service/budget.py). The request's budgets are given back
-   when its task has ended, not before.
+   when its task has ended, not before; after a 504 or a disconnect that is at the work's next
+   check.
 6. Access log line and request metrics (by route template, so cardinality stays bounded);
    every client-controlled field is escaped (`esc`), so a path with %0d%0a cannot forge lines.
 """
@@ -76,15 +84,22 @@ _orphans: set[asyncio.Task] = set()  # requests answered 504 whose work has not 
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int, api_key: str | None,
+                 cors: bool = False) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
-        self.api_key = api_key.encode() if api_key else None
+        if api_key is not None and not api_key.strip():
+            raise ValueError("the API key is empty or blank: refusing to serve without authentication")
+        self.api_key = api_key.encode() if api_key is not None else None
+        self.cors = cors  # CORS origins are configured: preflights go on to the CORS middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await _refuse_scope(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         rid = headers.get("x-request-id", "")
@@ -134,6 +149,7 @@ class RequestMiddleware:
                 # The work is in a thread that cannot be interrupted (it stops at its next deadline
                 # check): answer now, and let the task finish on its own, its answer discarded.
                 state["answered"] = True
+                lease.stop("the request was answered 504")
                 await _json(send, 504, f"the request took longer than {guards.request_timeout_s:g} s",
                             extra=[(b"x-request-id", rid.encode()), (b"connection", b"close")])
                 status["code"] = 504
@@ -143,6 +159,7 @@ class RequestMiddleware:
             else:
                 await task
         except asyncio.CancelledError:
+            lease.stop("the request was cancelled")
             if task is not None and not task.done():
                 task.cancel()
             raise
@@ -161,9 +178,12 @@ class RequestMiddleware:
 
     def _refuse(self, scope: Scope, headers: dict[str, str]) -> tuple | None:
         path = scope["path"]
-        if self.api_key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
-            given = headers.get("x-api-key", "").encode()
-            if not hmac.compare_digest(given, self.api_key):
+        if self.api_key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES) \
+                and not (self.cors and _is_preflight(scope, headers)):
+            given = [v for k, v in scope["headers"] if k.lower() == b"x-api-key"]
+            if len(given) > 1:
+                return 401, "more than one X-API-Key header"
+            if not given or not hmac.compare_digest(given[0], self.api_key):
                 return 401, "missing or wrong X-API-Key"
         length = headers.get("content-length")
         if length is not None:
@@ -189,15 +209,39 @@ class RequestMiddleware:
         seen = 0
         declared = "content-length" in {k.decode("latin-1").lower() for k, _ in scope["headers"]}
         read_timeout = guards.read_timeout_s if guards is not None else None
+        gone = asyncio.Event()  # the client disconnected, seen by the body read or by `watch`
+        watcher: asyncio.Task | None = None
+
+        async def watch() -> None:
+            """After the body, the only message left is the disconnect: wait for it here, once,
+            and stop the request's work when it comes (threads stop at their next check)."""
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            lease.stop("the client disconnected")
+            gone.set()
+
+        def body_read() -> None:
+            nonlocal watcher
+            state["body_done"] = True
+            if watcher is None:
+                watcher = asyncio.ensure_future(watch())
 
         async def limited_receive() -> Message:
             nonlocal seen
+            if state["body_done"]:  # no timer: an answer (a stream) may take as long as the request may
+                if watcher is None:
+                    body_read()
+                await gone.wait()
+                return {"type": "http.disconnect"}
             try:
                 async with asyncio.timeout(read_timeout):
                     message = await receive()
             except TimeoutError:
                 raise BodyTimeout() from None
-            if message["type"] == "http.request":
+            if message["type"] == "http.disconnect":
+                lease.stop("the client disconnected")
+                gone.set()
+            elif message["type"] == "http.request":
                 chunk = len(message.get("body", b""))
                 seen += chunk
                 if seen > self.max_body:
@@ -207,9 +251,11 @@ class RequestMiddleware:
                         raise budget.Busy("the service holds its limit of request body bytes at once; try again shortly")
                     lease.hold(guards.body_bytes, chunk)
                 if not message.get("more_body", False):
-                    state["body_done"] = True
+                    body_read()
             return message
 
+        if state["body_done"]:
+            body_read()  # no body: watch for the disconnect from the start
         try:
             await self.app(scope, limited_receive, send)
         except _Answered:
@@ -227,6 +273,9 @@ class RequestMiddleware:
             logging.getLogger("service").exception("unhandled error in %s %s", esc(scope["method"], 16), esc(scope["path"]))
             if not state["started"]:
                 await _json(send, 500, "internal error; the request id is in X-Request-ID")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
 class _Answered(Exception):
@@ -235,6 +284,21 @@ class _Answered(Exception):
 
 RETRY_AFTER_S = 2
 _GRACE_S = 0.25  # the app's own 504 comes first when it can; this one when its work cannot stop
+
+
+def _is_preflight(scope: Scope, headers: dict[str, str]) -> bool:
+    """A CORS preflight as the CORS middleware recognises (and answers) it."""
+    return scope["method"] == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
+
+
+async def _refuse_scope(scope: Scope, receive: Receive, send: Send) -> None:
+    """No route takes a websocket (or any scope but HTTP and lifespan): close it before it is
+    accepted (the server answers the handshake 403), so nothing passes the checks above unseen."""
+    if scope["type"] == "websocket":
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 1008, "reason": "this service has no websocket endpoints"})
+    log.warning("refused a %s scope at %s", esc(scope["type"], 32), esc(scope.get("path", "-")))
 
 
 def _guards(scope: Scope):  # noqa: ANN202

@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException
 
 from service import imaging
-from service.api.limits import MAX_FIELDS, BodyError, check_multipart_closed, guards_for, parse_json_body, safe_text
+from service.api.limits import (MAX_FIELDS, BodyError, check_multipart_closed, check_text_fields, guards_for,
+                                parse_json_body, safe_text)
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -63,6 +64,10 @@ async def read_request(
         raise RequestValidationError([{"type": "missing", "loc": ("body", "image"), "msg": "Field required", "input": None}])
     if len(images) > max_images:
         raise ClientError(422, f"{len(images)} images in one request; the limit is {max_images}")
+    try:
+        check_text_fields(fields)  # bounded before validation, which runs here on the event loop
+    except BodyError as e:
+        raise ClientError(e.status, str(e)) from None
     try:
         params = params_cls.model_validate(fields)
     except ValidationError as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from schemas import requests as rq
 from schemas import responses as rs
@@ -11,7 +13,7 @@ from service.methods.base import Method, ModelShape, predictions, register
 
 
 class PredictParams(rq.Params):
-    pass
+    format: Literal["json"] = Field("json", description="json: the top-5 classes (the only format)")
 
 
 @register

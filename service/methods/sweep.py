@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from schemas import requests as rq
 from schemas import responses as rs
-from service import imaging
+from service import budget, imaging
 from service.engine import ops
 from service.engine.jobs import Result
 from service.methods import grad_rollout
@@ -30,8 +30,10 @@ SweepFormat = Literal["gif", "apng", "json"]
 
 
 def _ratios(v: Any) -> Any:
-    """A form field sends the ratios comma-separated: "0,0.5,0.9"."""
+    """A form field sends the ratios comma-separated: "0,0.5,0.9"; counted before it is split."""
     if isinstance(v, str):
+        if v.count(",") >= MAX_RATIOS:
+            raise ValueError(f"more than {MAX_RATIOS} ratios")
         return [t.strip() for t in v.split(",") if t.strip()]
     return v
 
@@ -85,14 +87,29 @@ class _Sweep(Method):
         return out
 
     def render(self, p: _SweepFields, img: Image.Image, r: Result, shape: ModelShape) -> tuple[bytes, str]:
-        frames = [_label(imaging.overlay(img, m), f"discard {ratio:.2f}") for m, ratio in zip(r.maps, p.discard_ratios)]
+        frames = []
+        for m, ratio in zip(r.maps, p.discard_ratios):
+            budget.check_deadline("drawing the animation")
+            frame = _label(imaging.overlay(img, m), f"discard {ratio:.2f}")
+            frames.append(imaging.to_palette(frame) if p.format == "gif" else frame)
         buf = imaging.DeadlineBuffer()  # the encode stops at the request's deadline too
         fmt = "GIF" if p.format == "gif" else "PNG"
-        frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=p.frame_ms, loop=0)
+        frames[0].save(buf, format=fmt, save_all=True, append_images=_Checked(frames[1:]), duration=p.frame_ms,
+                       loop=0)
         return buf.getvalue(), imaging.MEDIA_TYPES[p.format]
 
     def frames(self, p: _SweepFields) -> int:
         return len(p.discard_ratios)
+
+
+class _Checked(list):
+    """The frames as PIL's encoders walk them (each of their passes over the frames computes a
+    difference per frame before anything is written): a deadline check before every frame."""
+
+    def __iter__(self):
+        for frame in super().__iter__():
+            budget.check_deadline("encoding the animation")
+            yield frame
 
 
 def _label(arr: np.ndarray, text: str) -> Image.Image:
