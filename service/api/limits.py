@@ -227,13 +227,11 @@ def parse_json_body(body: bytes, max_images: int) -> tuple[dict[str, Any], list[
     return parsed, images
 
 
-def check_text_fields(fields: dict[str, Any]) -> None:
-    """Refuse (422) a text parameter longer than MAX_TEXT_CHARS, before anything splits or
-    validates it (a list sent as one comma-separated string would otherwise be split whole)."""
-    for key, value in fields.items():
-        items = value if isinstance(value, list) else [value]
-        if any(isinstance(v, str) and len(v) > MAX_TEXT_CHARS for v in items):
-            raise BodyError(422, f"field {safe_text(repr(key), 80)} holds text longer than {MAX_TEXT_CHARS} characters")
+def long_text_fields(fields: dict[str, Any]) -> list[str]:
+    """The parameters holding text longer than MAX_TEXT_CHARS: refused (422) before anything
+    splits or validates them (a list sent as one comma-separated string would be split whole)."""
+    return [key for key, value in fields.items()
+            if any(isinstance(v, str) and len(v) > MAX_TEXT_CHARS for v in (value if isinstance(value, list) else [value]))]
 
 
 # -- multipart --------------------------------------------------------------------------------------

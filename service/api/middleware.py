@@ -210,7 +210,7 @@ class RequestMiddleware:
         declared = "content-length" in {k.decode("latin-1").lower() for k, _ in scope["headers"]}
         read_timeout = guards.read_timeout_s if guards is not None else None
         gone = asyncio.Event()  # the client disconnected, seen by the body read or by `watch`
-        watcher: asyncio.Task | None = None
+        watcher: asyncio.Task | None = None  # started once the app has had the body's last message
 
         async def watch() -> None:
             """After the body, the only message left is the disconnect: wait for it here, once,
@@ -228,9 +228,7 @@ class RequestMiddleware:
 
         async def limited_receive() -> Message:
             nonlocal seen
-            if state["body_done"]:  # no timer: an answer (a stream) may take as long as the request may
-                if watcher is None:
-                    body_read()
+            if watcher is not None:  # no timer: an answer (a stream) may take as long as the request may
                 await gone.wait()
                 return {"type": "http.disconnect"}
             try:
@@ -254,8 +252,6 @@ class RequestMiddleware:
                     body_read()
             return message
 
-        if state["body_done"]:
-            body_read()  # no body: watch for the disconnect from the start
         try:
             await self.app(scope, limited_receive, send)
         except _Answered:

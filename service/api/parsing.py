@@ -19,8 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException
 
 from service import imaging
-from service.api.limits import (MAX_FIELDS, BodyError, check_multipart_closed, check_text_fields, guards_for,
-                                parse_json_body, safe_text)
+from service.api.limits import (MAX_FIELDS, MAX_TEXT_CHARS, BodyError, check_multipart_closed, guards_for,
+                                long_text_fields, parse_json_body, safe_text)
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -64,17 +64,19 @@ async def read_request(
         raise RequestValidationError([{"type": "missing", "loc": ("body", "image"), "msg": "Field required", "input": None}])
     if len(images) > max_images:
         raise ClientError(422, f"{len(images)} images in one request; the limit is {max_images}")
+    # Text over the bound is refused before validation (which runs here, on the event loop) can
+    # split it; the other fields are still validated, so that the answer lists every error.
+    long = long_text_fields(fields)
+    where = "query" if ctype in RAW_TYPES else "body"
+    errors = [{"type": "string_too_long", "loc": (where, k), "input": fields[k],
+               "msg": f"text longer than {MAX_TEXT_CHARS} characters"} for k in long]
     try:
-        check_text_fields(fields)  # bounded before validation, which runs here on the event loop
-    except BodyError as e:
-        raise ClientError(e.status, str(e)) from None
-    try:
-        params = params_cls.model_validate(fields)
+        params = params_cls.model_validate({k: v for k, v in fields.items() if k not in long})
     except ValidationError as e:
-        where = "query" if ctype in RAW_TYPES else "body"
-        raise RequestValidationError(
-            [{**err, "loc": (where, *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
-        ) from None
+        errors += [{**err, "loc": (where, *err["loc"])} for err in e.errors(include_url=False, include_context=False)
+                   if not (err["type"] == "missing" and err["loc"][:1] and err["loc"][0] in long)]
+    if errors:
+        raise RequestValidationError(errors) from None
     return params, images
 
 
