@@ -1,11 +1,15 @@
 """How far a large JPEG's map moves from the full-decode path: `python -m bench.decode_drift`.
 
 The service decodes a JPEG much larger than the model's input at a reduced DCT scale (service/
-imaging.py, DRAFT_MARGIN); the reference path decodes it whole and resizes it once. Printed: the
-largest and median change of the rollout and gradient-rollout masks (each in [0, 1]) of the demo
-model over photograph-like JPEGs, for margins 1 and 2, next to the change that re-saving the same
-photograph at JPEG quality 85 instead of 90 makes on the full-decode path.
+imaging.py, DRAFT_MARGIN); the reference path decodes it whole and resizes it once to the input
+size. Printed: the largest and median change of the rollout and gradient-rollout masks (each in
+[0, 1]) of the demo model over photo-like JPEGs (bench/path.py), for margins 1 and 2, next to
+the change that re-saving the same photograph at JPEG quality 85 instead of 90 makes on the
+full-decode path.
 """
+
+from __future__ import annotations
+
 import io
 
 import numpy as np
@@ -13,34 +17,50 @@ import timm
 import torch
 from PIL import Image
 
+from bench.path import photo_jpeg
 from service import imaging
 from service.config import SHAPES_VIT
 from service.engine.runner import Engine
 from service.methods import job
-from tests.conftest import photo, jpeg_bytes
-m = timm.create_model(f"local-dir:{SHAPES_VIT}", pretrained=True).eval()
-e = Engine(m, torch.device("cpu"))
-jobs = {"rollout": job("rollout", format="json"), "grad-rollout": job("grad-rollout", category_id=0, format="json")}
-t = imaging.Target((224, 224), Image.Resampling.BILINEAR)
-for margin in (1, 2):
-    imaging.DRAFT_MARGIN = margin
-    worst = {k: [] for k in jobs}
-    for size in ((4000, 3000), (3000, 4000), (1920, 1280), (1200, 900)):
-        for seed in range(3):
-            data = jpeg_bytes(photo(size, seed=seed))
-            d = imaging.prepare(data, 10**9, t)
-            full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
-            for k, j in jobs.items():
-                a, b = e.run(torch.from_numpy(np.stack([d.pixels, full])), [j, j])
-                worst[k].append(np.abs(a.maps - b.maps).max())
-    print("margin", margin, {k: (f"max {max(v):.4f}", f"median {np.median(v):.4f}") for k, v in worst.items()})
-imaging.DRAFT_MARGIN = 2
-v = []
-for size in ((4000, 3000), (1920, 1280)):
-    for seed in range(3):
-        img = photo(size, seed=seed)
-        a = np.asarray(Image.open(io.BytesIO(jpeg_bytes(img, 90))).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
-        b = np.asarray(Image.open(io.BytesIO(jpeg_bytes(img, 85))).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
-        r1, r2 = e.run(torch.from_numpy(np.stack([a, b])), [jobs["rollout"]] * 2)
-        v.append(np.abs(r1.maps - r2.maps).max())
-print("re-saved at quality 85 instead of 90, full decode both: rollout max", f"{max(v):.4f}", "median", f"{np.median(v):.4f}")
+
+SIZES = ((4000, 3000), (3000, 4000), (1920, 1280), (1200, 900))
+SEEDS = range(3)
+BILINEAR = Image.Resampling.BILINEAR  # the demo model's interpolation
+
+
+def full_path(data: bytes) -> np.ndarray:
+    """The reference: the whole JPEG decoded, then one resize to the input size."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), BILINEAR))
+
+
+def main() -> None:
+    model = timm.create_model(f"local-dir:{SHAPES_VIT}", pretrained=True).eval()
+    engine = Engine(model, torch.device("cpu"))
+    jobs = {"rollout": job("rollout", format="json"), "grad-rollout": job("grad-rollout", category_id=0, format="json")}
+    target = imaging.Target((224, 224), BILINEAR)
+
+    def change(a: np.ndarray, b: np.ndarray, j) -> float:
+        ra, rb = engine.run(torch.from_numpy(np.stack([a, b])), [j, j])
+        return float(np.abs(ra.maps - rb.maps).max())
+
+    default = imaging.DRAFT_MARGIN
+    for margin in (1, 2):
+        imaging.DRAFT_MARGIN = margin
+        moved: dict[str, list[float]] = {k: [] for k in jobs}
+        for w, h in SIZES:
+            for seed in SEEDS:
+                data = photo_jpeg(w, h, seed=seed)
+                reduced = imaging.prepare(data, 10**9, target).pixels
+                for k, j in jobs.items():
+                    moved[k].append(change(reduced, full_path(data), j))
+        print(f"DRAFT_MARGIN {margin}: " + "; ".join(
+            f"{k} max {max(v):.4f} median {np.median(v):.4f}" for k, v in moved.items()))
+    imaging.DRAFT_MARGIN = default
+    resaved = [change(full_path(photo_jpeg(w, h, seed=s, quality=90)), full_path(photo_jpeg(w, h, seed=s, quality=85)),
+                      jobs["rollout"]) for w, h in SIZES[::2] for s in SEEDS]
+    print(f"re-saved at quality 85 instead of 90, both decoded whole: rollout max {max(resaved):.4f} "
+          f"median {np.median(resaved):.4f}")
+
+
+if __name__ == "__main__":
+    main()

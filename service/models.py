@@ -10,7 +10,6 @@ from urllib.parse import urlparse
 import huggingface_hub
 import numpy as np
 import timm
-import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 from torch import nn
