@@ -32,6 +32,7 @@ from service.pool import ServedModel
 
 router = APIRouter(tags=["explain"])
 
+
 class ClientGone(Exception):
     """The caller disconnected before its answer was ready; its work was dropped."""
 
