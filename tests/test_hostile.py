@@ -302,7 +302,7 @@ def test_timeout_is_enforced_on_decode_and_encode_and_the_work_stops(model_dirs)
             "--max-queue", "4", "--replicas-per-device", "1"]
     big = flat_png(6000, 6000, "RGB", 77)  # decode, draw and encode take seconds here
     with running_server(args) as s, httpx.Client(base_url=s.url, timeout=60) as c:
-        resp, took = post_file(c, big)
+        resp, took = post_file(c, big, max_side=0)  # drawn and encoded at its full 36 MP
         assert resp.status_code == 504, resp.text
         assert took < 1 + 1.5, f"504 after {took:.1f} s with a 1 s timeout"
         # the work was stopped at a deadline check, not left running for nobody
