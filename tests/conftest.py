@@ -43,6 +43,16 @@ def model_dirs(models, tmp_path_factory) -> dict[str, str]:
     return out
 
 
+@pytest.fixture()
+def client(server):
+    """An HTTP client of the module's `server` fixture, where that yields the server's URL (modules
+    whose `server` is something else define their own `client`)."""
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c
+
+
 def smooth_image(seed: int, size: tuple[int, int] = (224, 224)) -> Image.Image:
     """A random image with structure at several scales (w, h), not just pixel noise."""
     rng = np.random.default_rng(seed)

@@ -29,12 +29,6 @@ def server(model_dirs, tmp_path_factory):
         yield s.url
 
 
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server, timeout=120) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def refs(models):
     return {ALIASES[a]: ref.Reference(m) for a, m in models.items()}

@@ -6,7 +6,6 @@ import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 from timm.models import save_for_hf
@@ -38,12 +37,6 @@ def server(sharp_model, tmp_path_factory):
     save_for_hf(sharp_model, str(folder), safe_serialization=True)
     with running_server(["--model", f"deit=local-dir:{folder}", "--max-delay-ms", "30", "--max-batch-size", "16"]) as s:
         yield s.url
-
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

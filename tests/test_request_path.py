@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 
-import httpx
 import numpy as np
 import pytest
 import timm
@@ -26,12 +25,6 @@ from tests.server import running_server
 def server():
     with running_server(["--model", f"demo=local-dir:{SHAPES_VIT}", "--max-delay-ms", "5"]) as s:
         yield s.url
-
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

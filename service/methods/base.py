@@ -67,11 +67,6 @@ class ModelShape:
         mean, std = self._stats(pixels)
         return (pixels - mean) / std
 
-    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse: a preprocessed (..., 3, H, W) input -> pixel values, clamped to [0, 1]."""
-        mean, std = self._stats(x)
-        return (x * std + mean).clamp(0.0, 1.0)
-
 
 # -- what a method needs from the pass ----------------------------------------------------------
 @dataclass(frozen=True)
