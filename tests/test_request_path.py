@@ -177,3 +177,22 @@ def test_a_large_jpeg_map_stays_close_to_the_full_decode(client, reference):
     want = reference.rollout(reference.run(ref.preprocess(full, reference.model)), "max", 0.9)
     got = np.array(body["mask"])
     assert np.abs(got - want).max() < 0.05, np.abs(got - want).max()
+
+
+def test_max_side_and_the_picture_formats_through_the_client_and_the_cli(server, tmp_path):
+    from service import cli
+    from service.client import Client
+
+    data = jpeg_bytes(photo((1600, 1200), seed=15))
+    with Client(server) as c:
+        jpg = c.rollout(data, format="jpeg", max_side=400)  # one image: sent as a raw body
+        webp = c.grad_rollout(data, category_id=1, format="webp", max_side=200)
+    assert Image.open(io.BytesIO(jpg)).format == "JPEG" and Image.open(io.BytesIO(jpg)).size == (400, 300)
+    assert Image.open(io.BytesIO(webp)).format == "WEBP" and Image.open(io.BytesIO(webp)).size == (200, 150)
+    src = tmp_path / "photo.jpg"
+    src.write_bytes(data)
+    out = tmp_path / "out.jpg"  # the extension picks the format
+    assert cli.main([str(src), "--method", "rollout", "--max-side", "320", "--server", server, "-o", str(out),
+                     "--quiet"]) == cli.OK
+    pic = Image.open(out)
+    assert pic.format == "JPEG" and pic.size == (320, 240)
