@@ -64,10 +64,17 @@ def max_side(default: int = 1024) -> Any:
                  "(the upload is never enlarged); 0 keeps the upload's size")
 
 
-def below(bound: Bound, default: Any = ..., description: str = "") -> Any:
-    """An index field: 0 <= value < the model's `bound` (checked per model by the API, 422)."""
+def below(bound: Bound, default: Any = ..., description: str = "", when: dict[str, list[Any]] | None = None) -> Any:
+    """An index field: 0 <= value < the model's `bound` (checked per model by the API, 422).
+    `when`: the field applies only when these other fields have one of these values (see `applies`)."""
     return Field(default, ge=0, description=f"{description}, 0 <= value < {bound}".lstrip(", "),
-                 json_schema_extra={"x-below": bound})
+                 json_schema_extra={"x-below": bound, **applies(when)})
+
+
+def applies(when: dict[str, list[Any]] | None) -> dict[str, Any]:
+    """json_schema_extra declaring that a field applies only when other fields have these values
+    (GET /methods' `when`; the explorer page shows the field only then), e.g. {"target": ["class"]}."""
+    return {"x-when": when} if when else {}
 
 
 def head_fusion(default: Fusion) -> Any:

@@ -67,11 +67,18 @@ class SweepResponse(_Out):
     faithfulness: list[Faithfulness] | None = None  # one per ratio, when asked
 
 
-class ActivationMaxResponse(_Out):
+class LongResponse(_Out):
+    """The JSON answer of every long-work method (GET /methods' kind "long"): its picture and its
+    objective at every step. The command line and the explorer page show the picture from it."""
+
     model: str
     params: dict[str, Any]
     image: str  # base64 PNG at the model's input size
-    objective: list[float]  # the unit's value at every step, before that step's update
+    objective: list[float | None]  # the objective at every step, before that step's update (null: not finite)
+
+
+class ActivationMaxResponse(LongResponse):
+    """objective: the unit's value."""
 
 
 class ParamInfo(_Out):
@@ -85,6 +92,7 @@ class ParamInfo(_Out):
     maximum: float | None = None
     exclusive_maximum: float | None = None
     below: str | None = None  # index below this dimension of the chosen model (GET /models)
+    when: dict[str, list[Any]] | None = None  # applies only when these other parameters have one of these values
     description: str = ""
 
 
@@ -92,7 +100,11 @@ class MethodInfo(_Out):
     name: str
     path: str
     summary: str
+    # one-pass: a map from one pass, answered when done; long: many steps, whose progress streams as
+    # server-sent events with `Accept: text/event-stream` (docs/methods.md)
+    kind: Literal["one-pass", "long"]
     image: Literal["required", "optional"]
+    max_images: int  # images one request may carry (several are answered as JSON, one result each)
     formats: list[str]
     params: list[ParamInfo]
 

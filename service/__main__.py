@@ -1,5 +1,5 @@
 """Command line: `python -m service serve --model [ALIAS=]SPEC ... --host H --port P`, and
-`python -m service explain IMAGE... --method M [--param value ...] -o OUT` (service/cli.py).
+`python -m service explain IMAGE... --method M [--param value ...] -o OUT` (service/cli/explain.py).
 
 Every setting of service/config.py is a flag (`max_batch_size` -> `--max-batch-size`); flags
 override VIT_* environment variables, which override the defaults.
@@ -105,11 +105,11 @@ def connection_limits(settings: Settings) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["explain"]:
-        from service import cli
+        from service.cli import explain as cli
 
         return cli.main(argv[1:])
     if argv[:1] == ["compare"]:
-        from service import cli_compare
+        from service.cli import compare as cli_compare
 
         return cli_compare.main(argv[1:])
     if argv[:1] == ["ray"]:

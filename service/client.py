@@ -97,11 +97,28 @@ class Comparison:
 
 @dataclass
 class Maximized:
-    """Activation maximization's answer: the image (PIL, at the model's input size) and the objective per step."""
+    """The answer of long work (activation maximization): the image (PIL, at the model's input size)
+    and the objective per step."""
 
     image: Image.Image
     objective: list[float]
     raw: dict[str, Any]
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> "Maximized":
+        objective = raw["objective"]
+        if not isinstance(objective, list):
+            raise ValueError("no objective")
+        return cls(image=Image.open(io.BytesIO(picture_of(raw))), objective=objective, raw=raw)
+
+
+def picture_of(answer: dict[str, Any]) -> bytes:
+    """The picture of long work's JSON answer: its `image`, a base64 PNG (checked whole)."""
+    png = base64.b64decode(answer["image"], validate=True)
+    if not (png.startswith(SIGNATURES["png"][0]) and png.endswith(SIGNATURES["png"][1])):
+        raise ValueError("the image is not a whole PNG")
+    Image.open(io.BytesIO(png)).load()
+    return png
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,7 @@ class _Call:
     many: bool  # a list of images was given: answer a list
     raw: bool = False  # answer the body's bytes as they came
     form: bool = False  # send a form even for one image (fields a query string does not carry well)
+    parse: Callable[[dict[str, Any]], Any] | None = None  # a JSON answer -> the call's result (default Explanation)
 
 
 def encode_image(img: ImageLike) -> tuple[str, bytes]:
@@ -208,7 +226,8 @@ class _Methods:
         """POST /compare: settings [{"method": "rollout", "params": {...}}, ...] -> Comparison."""
         fields = _fields(dict(faithfulness_steps=faithfulness_steps, removal=removal, order=order, model=model), "json")
         fields = {k: v for k, v in fields.items() if k != "format"} | {"settings": json.dumps(list(settings))}
-        return self._send(_Call("/compare", fields, [encode_image(image)], "json", False, form=True))
+        return self._send(_Call("/compare", fields, [encode_image(image)], "json", False, form=True,
+                                parse=Comparison.of))
 
     def predict(self, images: Images, *, model: str | None = None):
         return self._call("/predict", images, "json", model=model)
@@ -223,17 +242,26 @@ class _Methods:
         params = dict(target=target, category_id=category_id, layer=layer, head=head, channel=channel, steps=steps,
                       lr=lr, seed=seed, l2_weight=l2_weight, jitter=jitter, tv_weight=tv_weight, model=model)
         fields = _fields(params, "json")
-        call = _Call("/activation-max", fields, [] if image is None else [encode_image(image)], "json", False)
+        call = _Call("/activation-max", fields, [] if image is None else [encode_image(image)], "json", False,
+                     parse=Maximized.of)
         return self._send(call) if on_progress is None else self._send_stream(call, on_progress)
 
     def request(self, path: str, image: ImageLike | None = None, *, format: str = "json", to: str | Path | None = None,
-                **params: Any):
+                on_progress: Progress | None = None, **params: Any):
         """Any method by its path, for one image (or none): -> the answer's bytes as they came (JSON text,
         PNG, GIF), checked to be what was asked for. With `to`, the answer streams into a temporary
-        file beside it, renamed to `to` only when complete and checked (-> the path). The command
+        file beside it, renamed to `to` only when complete and checked (-> the path). With
+        `on_progress(step, objective)` (long work, GET /methods' kind "long"), the progress streams as
+        server-sent events and the result event's JSON answer comes back as its bytes. The command
         line uses it; the typed calls above are nicer to program with."""
         fields = _fields(params, format)
-        call = _Call(path, fields, [] if image is None else [encode_image(image)], format, False, raw=True)
+        images = [] if image is None else [encode_image(image)]
+        if on_progress is not None:
+            if format != "json" or to is not None:
+                raise ValueError("a streamed answer is JSON, returned: give neither another format nor `to`")
+            call = _Call(path, fields, images, "json", False, parse=lambda answer: json.dumps(answer).encode())
+            return self._send_stream(call, on_progress)
+        call = _Call(path, fields, images, format, False, raw=True)
         return self._send(call, None if to is None else Path(to))
 
     # -- parsing, shared ------------------------------------------------------------------------
@@ -404,18 +432,8 @@ def _faithful(options: dict[str, Any]) -> dict[str, Any]:
 def _answer(call: _Call, body: dict[str, Any]):
     """A checked JSON answer -> the call's result; an answer without what the call expects is an AnswerError."""
     try:
-        if call.path == "/compare":
-            return Comparison.of(body)
-        if call.path == "/activation-max":
-            png = base64.b64decode(body["image"], validate=True)
-            if not png.startswith(SIGNATURES["png"][0]):
-                raise ValueError("the image is not a PNG")
-            img = Image.open(io.BytesIO(png))
-            img.load()
-            objective = body["objective"]
-            if not isinstance(objective, list):
-                raise ValueError("no objective")
-            return Maximized(image=img, objective=objective, raw=body)
+        if call.parse is not None:
+            return call.parse(body)
         if not any(k in body for k in ANSWER_KEYS):
             raise ValueError(f"none of {', '.join(ANSWER_KEYS)} in it")
         if call.many:

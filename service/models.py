@@ -63,7 +63,7 @@ class Preprocess:
     """The model's input from its own config: squash-resize to the input size (no crop), then
     scale and normalise. The resize runs where the upload is decoded (service/imaging.py: uint8
     at the input size); the scaling and normalisation run batched on the model's device
-    (ModelShape.normalize, service/engine/runner.py)."""
+    (ModelShape.normalize, service/engine/engine.py)."""
 
     size: tuple[int, int]  # (H, W)
     mean: tuple[float, ...]

@@ -20,18 +20,17 @@ import huggingface_hub
 import numpy as np
 import torch
 
-from service import models
+from service import methods, models
 from service.batching import Batcher, BatchObserver
 from service.engine import device_decode
-from service.engine.jobs import Job, Result
-from service.engine.runner import Engine
-from service.methods import ModelShape
+from service.engine.contract import Job, ModelShape, Result
+from service.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "unavailable"]
-# (the image as uint8 (H, W, 3) at the model's input size, or its JPEG bytes for the device to decode, job)
-# for explanations; (the method's state, job) for the steps of iterative methods
+# What the batcher queues. For one-pass methods: (the image as uint8 (H, W, 3) at the model's input
+# size, or its JPEG bytes for the device to decode, job); for a step of long work: (its state, job).
 Item = tuple[object, Job]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +119,7 @@ class ServedModel:
         for device in self.devices:
             for _ in range(self.replicas_per_device):
                 engine = Engine(copy.deepcopy(model), device, self.dtype, name=self.name)
-                engine.warmup()
+                engine.warmup(methods.warmup_jobs())
                 engines.append(engine)
         self.preprocess = models.Preprocess.from_model(model)
         self.engines = engines
@@ -128,11 +127,11 @@ class ServedModel:
     def worker(self, engine: Engine) -> Callable[[list[Item]], list[Result | BaseException]]:
         """The batcher's compute function for one replica: stack images, run, isolate failures.
 
-        A batch is all explanations or all steps of iterative methods (the batcher's two lanes)."""
+        A batch is all one-pass jobs or all steps of long work (the batcher's two lanes)."""
 
         def run(items: list[Item]) -> list[Result] | list[float]:
             jobs = [j for _, j in items]
-            if jobs[0].method.iterative:
+            if jobs[0].method.kind == "long":
                 return engine.step([state for state, _ in items], jobs)
             return engine.run(self.pixels(engine, [x for x, _ in items]), jobs)
 

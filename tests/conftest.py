@@ -93,7 +93,7 @@ def png_bytes(img: Image.Image) -> bytes:
 @pytest.fixture(scope="session")
 def setups(models):
     """Per architecture: a CPU Engine, the float64 Reference of the same weights, 3 preprocessed images."""
-    from service.engine.runner import Engine
+    from service.engine.engine import Engine
     from tests import reference as ref
 
     out = {}

@@ -23,10 +23,14 @@ def ascend(engine, jobs, starts=None, steps=None):
     return states
 
 
-def pixels_of(r: ref.Reference, img) -> torch.Tensor:
+def pixels_of(r: ref.Reference, img) -> tuple[np.ndarray, torch.Tensor]:
+    """The image at the input size as the method's start takes it, uint8 (H, W, 3), and as pixel
+    values (3, H, W) in [0, 1]."""
     cfg = r.model.pretrained_cfg
     x = ref.preprocess(img, r.model).double()
-    return (x * torch.tensor(cfg["std"])[:, None, None] + torch.tensor(cfg["mean"])[:, None, None]).clamp(0, 1).float()
+    x = (x * torch.tensor(cfg["std"])[:, None, None] + torch.tensor(cfg["mean"])[:, None, None]).clamp(0, 1)
+    u8 = (x.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
+    return u8, torch.from_numpy(u8).permute(2, 0, 1).double().div(255.0).float()
 
 
 TARGETS = [dict(target="class", category_id=281), dict(target="features", layer=5, channel=17),
@@ -36,9 +40,9 @@ TARGETS = [dict(target="class", category_id=281), dict(target="features", layer=
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t["target"])
 def test_objective_and_first_step_match_the_reference(setups, target):
     engine, r, _ = setups["deit_tiny_patch16_224"]
-    start = pixels_of(r, smooth_image(70))
+    start8, start = pixels_of(r, smooth_image(70))
     j = job("activation-max", steps=1, lr=0.01, **target)
-    (s,) = ascend(engine, [j], [start])
+    (s,) = ascend(engine, [j], [start8])
     value, grad = r.unit(start, **target)
     assert s.objective[0] == pytest.approx(value, rel=1e-4, abs=1e-4)
     # Adam's first step moves every pixel by lr * sign(gradient), where not clamped.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import cli
+from service.cli import explain as cli
 from service.client import AsyncClient, Client, ServiceError
 from tests import reference as ref
 from tests.conftest import png_bytes, smooth_image

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from timm.models import save_for_hf
 
-from service import cli, cli_compare
+from service.cli import compare as cli_compare
+from service.cli import explain as cli
 from service.client import Client, ServiceError
 from tests import reference as ref
 from tests.conftest import png_bytes, smooth_image

@@ -11,7 +11,7 @@ import torch
 
 from demo import train
 from demo.scenes import CLASS_NAMES
-from service.engine.runner import Engine
+from service.engine.engine import Engine
 
 
 @pytest.mark.parametrize("backbone", sorted(train.BACKBONES))

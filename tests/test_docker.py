@@ -167,7 +167,7 @@ def _dockerignored(rel: str) -> bool:
 
 
 @pytest.mark.parametrize("rel", [
-    "pyproject.toml", "README.md", "service/__main__.py", "service/engine/runner.py", "schemas/requests.py",
+    "pyproject.toml", "README.md", "service/__main__.py", "service/engine/engine.py", "schemas/requests.py",
     "service/demo/shapes-vit/model.safetensors",  # the bundled demo model the service loads
 ])
 def test_dockerignore_keeps(rel: str) -> None:

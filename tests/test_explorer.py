@@ -398,7 +398,7 @@ def test_activation_maximization_shows_live_progress(tab):
     assert "Accept: text/event-stream" in got["curl"]
     assert len(got["response"]["objective"]) == 5
     np.testing.assert_allclose(got["progress"], got["response"]["objective"], rtol=1e-6)
-    img = s.page.eval_on_selector("#pane-a img.maximized", "i => [i.complete, i.naturalWidth, i.naturalHeight]")
+    img = s.page.eval_on_selector("#pane-a img.long-result", "i => [i.complete, i.naturalWidth, i.naturalHeight]")
     assert img == [True, 224, 224]
     assert Image.open(io.BytesIO(base64.b64decode(got["response"]["image"]))).size == (224, 224)
 

@@ -10,7 +10,7 @@ import timm
 import torch
 
 from service.engine import faithfulness as fa
-from service.engine.runner import Engine
+from service.engine.engine import Engine
 from service.methods import job
 from tests import reference as ref
 from tests.conftest import ARCHS, smooth_image

@@ -12,7 +12,7 @@ import torch
 from service.engine import capture as capture_module
 from service.engine import ops as methods
 from service.engine.capture import UnsupportedModel
-from service.engine.runner import Engine
+from service.engine.engine import Engine
 from service.methods import job
 from tests import reference as ref
 from tests.conftest import ARCHS, smooth_image

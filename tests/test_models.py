@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.runner import Engine
+from service.engine.engine import Engine
 from service.models import ModelSpec, Preprocess, class_labels
 from tests import reference as ref
 from tests.conftest import make_model, smooth_image

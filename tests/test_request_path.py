@@ -180,7 +180,7 @@ def test_a_large_jpeg_map_stays_close_to_the_full_decode(client, reference):
 
 
 def test_max_side_and_the_picture_formats_through_the_client_and_the_cli(server, tmp_path):
-    from service import cli
+    from service.cli import explain as cli
     from service.client import Client
 
     data = jpeg_bytes(photo((1600, 1200), seed=15))

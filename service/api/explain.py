@@ -1,9 +1,8 @@
-"""The explanation endpoints: one route per registered method (service/methods/), thin stages
+"""The explanation endpoints: one route per registered method (service/methods/), by its kind:
 
-    parse -> check against the model -> decode -> queue -> engine -> encode
-
-for the one-pass methods (`explain`), and for the iterative ones (activation maximization,
-`maximize`) a loop of background steps that answers at the end, or as server-sent events.
+    one-pass  parse -> check against the model -> decode -> queue -> engine -> encode   (`explain`)
+    long      parse -> check -> decode -> a loop of background steps that answers at the end,
+              or streams its progress as server-sent events                          (`long_work`)
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ from service import imaging
 from service.api.deps import Ctx, get_ctx
 from service.api.limits import header_safe
 from service.api.parsing import RAW_TYPES, admit_images, read_request
-from service.engine import ops
-from service.engine.jobs import Job, Result
-from service.methods import REGISTRY, Method
+from service.engine.contract import Job, Result
+from service.methods import REGISTRY, LongMethod, Method, OnePassMethod
 from service.pool import ServedModel
 
 router = APIRouter(tags=["explain"])
@@ -90,8 +88,13 @@ def _accepted(method: Method, ctx: Ctx, params: BaseModel) -> ServedModel:
     return served
 
 
-async def explain(request: Request, ctx: Ctx, method: Method) -> Response:
-    params, blobs = await read_request(request, method.Params, ctx.settings.max_images)
+def _max_images(ctx: Ctx, method: Method) -> int:
+    return ctx.settings.max_images if method.max_images is None else min(method.max_images, ctx.settings.max_images)
+
+
+async def explain(request: Request, ctx: Ctx, method: OnePassMethod) -> Response:
+    params, blobs = await read_request(request, method.Params, _max_images(ctx, method),
+                                       image_required=method.image == "required")
     served = _accepted(method, ctx, params)
     shape = served.shape
     # several images are answered as JSON: only a single image's answer may draw a picture
@@ -138,42 +141,46 @@ def _faithfulness_headers(result: Result) -> dict[str, str]:
     )))
 
 
-# -- iterative methods ------------------------------------------------------------------------
-async def maximize(request: Request, ctx: Ctx, method: Method) -> Response:
-    """Activation maximization: `steps` background steps, batched with the other sessions of the model.
+# -- long work --------------------------------------------------------------------------------
+async def long_work(request: Request, ctx: Ctx, method: LongMethod) -> Response:
+    """`method.steps(params)` background steps, batched with the other sessions of the model.
 
-    With `Accept: text/event-stream` the answer streams `progress` events ({"step", "objective"})
+    With `Accept: text/event-stream` the answer streams `progress` events ({"step", "total", "objective"})
     as the steps run, then one `result` event (the JSON answer) or one `error` event ({"detail"}).
     """
-    params, blobs = await read_request(request, method.Params, max_images=1, image_required=False)
+    params, blobs = await read_request(request, method.Params, _max_images(ctx, method),
+                                       image_required=method.image == "required")
     served = _accepted(method, ctx, params)
     close = served.batcher.open_session(ctx.settings.max_maximizations)  # 503 past the limit, taken at once
     try:
-        response = await _maximize(request, ctx, method, params, blobs, served, close)
+        response = await _long_work(request, ctx, method, params, blobs, served, close)
     except BaseException:
         close()
         raise
     if not isinstance(response, StreamingResponse):
-        close()  # a stream closes its session itself, when it ends (see _maximize)
+        close()  # a stream closes its session itself, when it ends (see _long_work)
     return response
 
 
-async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, served: ServedModel, close) -> Response:
+async def _long_work(request: Request, ctx: Ctx, method: LongMethod, params, blobs, served: ServedModel,
+                     close) -> Response:
     shape = served.shape
     start = None
     if blobs:
         target = served.preprocess.target()
         await admit_images(request, blobs, target)
         [decoded] = await run_in_threadpool(_decode_all, ctx, target, blobs)
-        start = ops.unit_pixels(decoded.pixels)  # the upload at the input size, as pixel values in [0, 1]
+        start = decoded.pixels  # the upload at the input size, uint8 (H, W, 3)
     state, job = method.start(params, start, shape), method.job(params)
     deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout_s
 
-    async def steps() -> AsyncIterator[tuple[int, float]]:
-        for step in range(params.steps):
+    total = method.steps(params)
+
+    async def steps() -> AsyncIterator[tuple[int, int, float]]:
+        for step in range(total):
             async with asyncio.timeout_at(deadline):
                 value = await served.batcher.submit((state, job), background=True)
-            yield step, value
+            yield step, total, value
 
     if "text/event-stream" in request.headers.get("accept", ""):
         events = _events(ctx, method, params, state, steps(), shape, close)
@@ -188,20 +195,21 @@ async def _maximize(request: Request, ctx: Ctx, method: Method, params, blobs, s
             pass
 
     await _unless_gone(request, asyncio.ensure_future(run()))
-    result = method.result(state)
+    result = method.result(params, state)
     if params.format == "json":
         return ORJSONResponse(method.to_json(params, result, shape))
     body, media = await run_in_threadpool(method.render, params, None, result, shape)
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
 
-async def _events(ctx: Ctx, method: Method, params, state, steps: AsyncIterator[tuple[int, float]], shape, close):
-    """Server-sent events of a maximization. A client that leaves cancels this generator, and with
+async def _events(ctx: Ctx, method: LongMethod, params, state, steps: AsyncIterator[tuple[int, int, float]], shape,
+                  close):
+    """Server-sent events of long work. A client that leaves cancels this generator, and with
     it the step it waits for (Starlette cancels the response when the client disconnects)."""
     try:
-        async for step, value in steps:
-            yield _sse("progress", {"step": step, "objective": value if math.isfinite(value) else None})
-        answer = await run_in_threadpool(method.to_json, params, method.result(state), shape)
+        async for step, total, value in steps:
+            yield _sse("progress", {"step": step, "total": total, "objective": value if math.isfinite(value) else None})
+        answer = await run_in_threadpool(method.to_json, params, method.result(params, state), shape)
         yield _sse("result", answer)
     except TimeoutError:
         yield _sse("error", {"detail": f"the request took longer than {ctx.settings.request_timeout_s:g} s"})
@@ -255,7 +263,7 @@ def _body(method: Method) -> dict:
     for fmt in method.formats:
         if fmt != "json":
             ok[imaging.MEDIA_TYPES[fmt]] = {"schema": {"type": "string", "format": "binary"}}
-    if method.iterative:
+    if method.kind == "long":
         ok["text/event-stream"] = {"schema": {"type": "string"}}
     return {
         "parameters": query,
@@ -264,8 +272,11 @@ def _body(method: Method) -> dict:
     }
 
 
+HANDLERS = {"one-pass": explain, "long": long_work}  # by the method's declared kind
+
+
 def _route(method: Method) -> None:
-    handler = maximize if method.iterative else explain
+    handler = HANDLERS[method.kind]
 
     async def endpoint(request: Request, ctx: Ctx = Depends(get_ctx)) -> Response:
         return await handler(request, ctx, method)
@@ -283,5 +294,5 @@ for _method in REGISTRY.values():
 
 @router.get("/methods", response_model=list[rs.MethodInfo], tags=["service"],
             summary="Every explanation method: its endpoint, parameters with defaults and ranges, formats")
-async def list_methods() -> list[rs.MethodInfo]:
-    return [m.info() for m in REGISTRY.values()]
+async def list_methods(ctx: Ctx = Depends(get_ctx)) -> list[rs.MethodInfo]:
+    return [m.info(ctx.settings.max_images) for m in REGISTRY.values()]

@@ -1,15 +1,19 @@
 """Every explanation method, one module each, registered in REGISTRY in import order.
 
-Add a method: write its module (see base.py for what it declares), import it here, add its test
-and its row to the README (`python -m service.methods` prints the table).
+Add a method (docs/methods.md): write its module over one of the two kinds in base.py
+(`OnePassMethod` or `LongMethod`), import it here, add its typed call to service/client.py (a test
+checks every method has one), its test, and its row to the README (`python -m service.methods`
+prints the table).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from service.engine.jobs import Job
-from service.methods.base import REGISTRY, InvalidParams, Method, ModelShape, markdown_table
+from service.engine.contract import Job, ModelShape
+from service.methods.base import InvalidParams, LongMethod, Method, OnePassMethod
+from service.methods.registry import REGISTRY
+from service.methods.table import markdown_table
 
 # isort: off  (the order of registration is the order of GET /methods and of the README table)
 from service.methods import rollout  # noqa: F401, E402
@@ -29,4 +33,10 @@ def job(name: str, **params: Any) -> Job:
     return Job(m, m.Params(**params))
 
 
-__all__ = ["REGISTRY", "InvalidParams", "Method", "ModelShape", "job", "markdown_table"]
+def warmup_jobs() -> list[Job]:
+    """One job of each pass the engine runs (plain and autograd), for warming a replica up."""
+    return [job("rollout"), job("grad-rollout", category_id=0)]
+
+
+__all__ = ["REGISTRY", "InvalidParams", "LongMethod", "Method", "ModelShape", "OnePassMethod", "job",
+           "markdown_table", "warmup_jobs"]

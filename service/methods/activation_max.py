@@ -34,8 +34,10 @@ from pydantic import Field
 from schemas import requests as rq
 from schemas import responses as rs
 from service import imaging
-from service.engine.jobs import Result
-from service.methods.base import Captured, InvalidParams, Method, ModelShape, Needs, register
+from service.engine import ops
+from service.engine.contract import Captured, ModelShape, Needs, Result
+from service.methods.base import InvalidParams, LongMethod
+from service.methods.registry import register
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -43,9 +45,10 @@ ADAM_EPS = 1e-8
 
 class ActivationMaxParams(rq.Params):
     target: Literal["class", "features", "q", "k"] = Field("class", description="the unit to maximise")
-    category_id: int = rq.below("classes", 0, "class whose logit is maximised (target=class)")
-    layer: int = rq.below("layers", 0, "block (target=features, q or k)")
-    head: int = rq.below("heads", 0, "head (target=q or k)")
+    category_id: int = rq.below("classes", 0, "class whose logit is maximised (target=class)",
+                                when={"target": ["class"]})
+    layer: int = rq.below("layers", 0, "block (target=features, q or k)", when={"target": ["features", "q", "k"]})
+    head: int = rq.below("heads", 0, "head (target=q or k)", when={"target": ["q", "k"]})
     channel: int = Field(0, ge=0, description="channel: < embed_dim for features, < head_dim for q and k")
     steps: int = Field(100, ge=1, le=1000, description="gradient ascent steps")
     lr: float = Field(0.05, gt=0.0, le=1.0, description="Adam step size, in pixel values (0..1)")
@@ -80,13 +83,11 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class ActivationMax(Method):
+class ActivationMax(LongMethod):
     name = "activation-max"
     summary = "The input that maximises a unit (activation maximization); text/event-stream for progress"
     Params = ActivationMaxParams
     Response = rs.ActivationMaxResponse
-    image = "optional"
-    iterative = True
 
     def check(self, p: ActivationMaxParams, shape: ModelShape) -> None:
         super().check(p, shape)
@@ -103,13 +104,18 @@ class ActivationMax(Method):
         return Needs()
 
     # -- the optimisation, per image -------------------------------------------------------------
-    def start(self, p: ActivationMaxParams, pixels: torch.Tensor | None, shape: ModelShape) -> Ascent:
-        """pixels (3, H, W) in [0, 1] at the input size to start from, or None for seeded noise."""
+    def steps(self, p: ActivationMaxParams) -> int:
+        return p.steps
+
+    def start(self, p: ActivationMaxParams, pixels: np.ndarray | None, shape: ModelShape) -> Ascent:
+        """Start from the upload (uint8 (H, W, 3) at the input size), or from seeded noise when None."""
         g = torch.Generator().manual_seed(p.seed)
         if pixels is None:
             h, w = shape.input_size
-            pixels = (0.5 + 0.1 * torch.randn(3, h, w, generator=g)).clamp_(0.0, 1.0)
-        return Ascent(pixels=pixels.float().clone(), generator=g)
+            start = (0.5 + 0.1 * torch.randn(3, h, w, generator=g)).clamp_(0.0, 1.0)
+        else:
+            start = ops.unit_pixels(pixels)  # (3, H, W) in [0, 1]
+        return Ascent(pixels=start.float().clone(), generator=g)
 
     def shifted(self, p: ActivationMaxParams, s: Ascent) -> torch.Tensor:
         """This step's input: the image rolled by a fresh random shift of up to `jitter` pixels."""
@@ -150,7 +156,7 @@ class ActivationMax(Method):
         s.pixels.addcdiv_(s.m, denom, value=step).clamp_(0.0, 1.0)
 
     # -- answers ---------------------------------------------------------------------------------
-    def result(self, s: Ascent) -> Result:
+    def result(self, p: ActivationMaxParams, s: Ascent) -> Result:
         arr = (s.pixels.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)  # (H, W, 3)
         return Result(maps=arr, predictions=[], objective=list(s.objective))
 

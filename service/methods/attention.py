@@ -14,8 +14,9 @@ from schemas import requests as rq
 from schemas import responses as rs
 from service import imaging
 from service.engine import ops
-from service.engine.jobs import Result
-from service.methods.base import Captured, ClassRow, Method, ModelShape, Needs, register
+from service.engine.contract import Captured, ClassRow, ModelShape, Needs, Result
+from service.methods.base import OnePassMethod
+from service.methods.registry import register
 
 
 class AttentionParams(rq.Params):
@@ -33,7 +34,7 @@ def class_attention(cls_rows: list[torch.Tensor], head: int | rq.Fusion, prefix:
 
 
 @register
-class LayerAttention(Method):
+class LayerAttention(OnePassMethod):
     name = "attention"
     summary = "Class-token attention in every block"
     Params = AttentionParams

@@ -21,9 +21,9 @@ import torch
 from pydantic import ConfigDict, ValidationError
 
 from schemas import requests as rq
-from service.engine.jobs import Job, Result
-from service.methods.base import (REGISTRY, Captured, InvalidParams, Method, ModelShape, Needs, WholeAttention,
-                                  predictions)
+from service.engine.contract import Captured, Job, ModelShape, Needs, Result, WholeAttention
+from service.methods.base import InvalidParams, OnePassMethod, predictions
+from service.methods.registry import REGISTRY
 
 MAX_SETTINGS = 8
 
@@ -41,7 +41,7 @@ class CompareJob(rq.Params):
     order: rq.Order = rq.order()
 
 
-class Compare(Method):
+class Compare(OnePassMethod):
     name = "compare"
     summary = "several methods' maps of one image, from the passes they share, each scored"
     Params = CompareJob
@@ -49,7 +49,7 @@ class Compare(Method):
 
     def needs(self, p: CompareJob, shape: ModelShape) -> Needs:
         if p.category_id is not None:
-            return Needs(grad=True)
+            return Needs(grad_class=p.category_id)
         return Needs(reduce=WholeAttention(), layers=frozenset(range(shape.layers)))
 
     def compute(self, p: CompareJob, c: Captured, shape: ModelShape) -> torch.Tensor:
@@ -59,7 +59,7 @@ class Compare(Method):
         for name, sp in p.settings:
             method = REGISTRY[name]
             n = method.needs(sp, shape)
-            if n.grad:
+            if n.grad_class is not None:
                 own = Captured(logits=c.logits, attn=c.attn, grads=c.grads)
             else:
                 reduced = {}
@@ -85,8 +85,9 @@ def plan(settings: list[tuple[str, Any]], shape: ModelShape, steps: int, removal
     by_class: dict[int, list[int]] = {}
     plain = []
     for i, (name, sp) in enumerate(settings):
-        if REGISTRY[name].needs(sp, shape).grad:
-            by_class.setdefault(int(sp.category_id), []).append(i)
+        cls = REGISTRY[name].needs(sp, shape).grad_class
+        if cls is not None:
+            by_class.setdefault(cls, []).append(i)
         else:
             plain.append(i)
     groups: list[tuple[int | None, list[int]]] = list(by_class.items()) or [(None, [])]

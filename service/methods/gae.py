@@ -14,7 +14,8 @@ import torch
 
 from schemas import requests as rq
 from service.engine import ops
-from service.methods.base import Captured, ModelShape, Needs, register
+from service.engine.contract import Captured, ModelShape, Needs
+from service.methods.registry import register
 from service.methods.rollout import MaskMethod
 
 
@@ -44,7 +45,7 @@ class GAE(MaskMethod):
     per_image = ("category_id",)
 
     def needs(self, p: GAEParams, shape: ModelShape) -> Needs:
-        return Needs(grad=True)
+        return Needs(grad_class=p.category_id)
 
     def compute(self, p: GAEParams, c: Captured, shape: ModelShape) -> torch.Tensor:
         row = gae_row(c.attn[p.start_layer :], c.grads[p.start_layer :])

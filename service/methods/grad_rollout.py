@@ -10,7 +10,8 @@ import torch
 
 from schemas import requests as rq
 from service.engine import ops
-from service.methods.base import Captured, ModelShape, Needs, register
+from service.engine.contract import Captured, ModelShape, Needs
+from service.methods.registry import register
 from service.methods.rollout import MaskMethod
 
 
@@ -36,7 +37,7 @@ class GradRollout(MaskMethod):
     per_image = ("category_id",)
 
     def needs(self, p: GradRolloutParams, shape: ModelShape) -> Needs:
-        return Needs(grad=True)
+        return Needs(grad_class=p.category_id)
 
     def compute(self, p: GradRolloutParams, c: Captured, shape: ModelShape) -> torch.Tensor:
         w = weights(c.attn[p.start_layer :], c.grads[p.start_layer :], p.head_fusion)

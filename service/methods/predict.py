@@ -8,8 +8,9 @@ from pydantic import Field
 
 from schemas import requests as rq
 from schemas import responses as rs
-from service.engine.jobs import Result
-from service.methods.base import Method, ModelShape, predictions, register
+from service.engine.contract import ModelShape, Result
+from service.methods.base import OnePassMethod, predictions
+from service.methods.registry import register
 
 
 class PredictParams(rq.Params):
@@ -17,7 +18,7 @@ class PredictParams(rq.Params):
 
 
 @register
-class Predict(Method):
+class Predict(OnePassMethod):
     name = "predict"
     summary = "Top-5 classes"
     Params = PredictParams

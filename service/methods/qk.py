@@ -14,8 +14,9 @@ from schemas import requests as rq
 from schemas import responses as rs
 from service import imaging
 from service.engine import ops
-from service.engine.jobs import Result
-from service.methods.base import Captured, Method, ModelShape, Needs, register
+from service.engine.contract import Captured, ModelShape, Needs, Result
+from service.methods.base import OnePassMethod
+from service.methods.registry import register
 
 
 class QKParams(rq.Params):
@@ -28,7 +29,7 @@ class QKParams(rq.Params):
 
 
 @register
-class QK(Method):
+class QK(OnePassMethod):
     name = "qk"
     summary = "Q or K feature image of one channel"
     Params = QKParams

@@ -17,8 +17,9 @@ from schemas import requests as rq
 from schemas import responses as rs
 from service import imaging
 from service.engine import ops
-from service.engine.jobs import Result
-from service.methods.base import Captured, FuseHeads, Method, ModelShape, Needs, predictions, register
+from service.engine.contract import Captured, FuseHeads, ModelShape, Needs, Result
+from service.methods.base import OnePassMethod, predictions
+from service.methods.registry import register
 
 
 class RolloutParams(rq.Faithful):
@@ -29,7 +30,7 @@ class RolloutParams(rq.Faithful):
     max_side: int = rq.max_side()
 
 
-class MaskMethod(Method):
+class MaskMethod(OnePassMethod):
     """A method whose answer is one mask over the patches: JSON `mask`, PNG heatmap over the image."""
 
     Response = rs.MaskResponse

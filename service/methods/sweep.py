@@ -19,9 +19,10 @@ from schemas import requests as rq
 from schemas import responses as rs
 from service import budget, imaging
 from service.engine import ops
-from service.engine.jobs import Result
 from service.methods import grad_rollout
-from service.methods.base import Captured, FuseHeads, Method, ModelShape, Needs, predictions, register
+from service.engine.contract import Captured, FuseHeads, ModelShape, Needs, Result
+from service.methods.base import OnePassMethod, predictions
+from service.methods.registry import register
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 MAX_RATIOS = 64
@@ -74,7 +75,7 @@ def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, g
     return torch.stack([ops.rollout([w.clone() for w in weights], r, prefix, grid) for r in ratios], dim=1)
 
 
-class _Sweep(Method):
+class _Sweep(OnePassMethod):
     Response = rs.SweepResponse
     faithful = True  # every frame's map is scored
     of: str  # the method swept
@@ -151,7 +152,7 @@ class GradRolloutSweep(_Sweep):
     of = "grad-rollout"
 
     def needs(self, p: GradRolloutSweepParams, shape: ModelShape) -> Needs:
-        return Needs(grad=True)
+        return Needs(grad_class=p.category_id)
 
     def compute(self, p: GradRolloutSweepParams, c: Captured, shape: ModelShape) -> torch.Tensor:
         w = grad_rollout.weights(c.attn[p.start_layer :], c.grads[p.start_layer :], p.head_fusion)

@@ -33,7 +33,8 @@ window.explorer = state;
 
 const currentModel = () => state.models.find((m) => m.name === $("#model").value);
 const opacity = () => Number($("#opacity").value);
-const isStreaming = (m) => /event-stream/.test(m.summary) || m.name === "activation-max";
+// long work (GET /methods: kind "long") streams its progress as server-sent events
+const isStreaming = (m) => m.kind === "long";
 
 function showGlobalError(err) {
   const box = $("#global-error");
@@ -89,7 +90,6 @@ function niceStep(x) {
   return 10 ** Math.floor(Math.log10(x));
 }
 
-const TARGETS = /\(target=([^)]*)\)/; // "(target=features, q or k)": shown for those targets only
 
 // One control per declared parameter: {name, param, node, get(), set(v), refresh()}
 function makeControl(p, method, model, column) {
@@ -157,8 +157,6 @@ function makeControl(p, method, model, column) {
     ctl.set = (v) => { input.value = String(v); };
   }
   wrap.append(hint);
-  const targets = TARGETS.exec(p.description || "");
-  ctl.targets = targets ? targets[1].split(/,|\bor\b|\band\b/).map((s) => s.trim()).filter(Boolean) : null;
   return ctl;
 }
 
@@ -249,7 +247,7 @@ class Column {
     if (m.image === "optional") {
       const input = el("input", { type: "checkbox", class: "use-image" });
       this.startFromImage = input;
-      box.append(el("div", { class: "param check" }, el("label", {}, input, " start from the uploaded image (else seeded noise)")));
+      box.append(el("div", { class: "param check" }, el("label", {}, input, " start from the uploaded image (else the method's own start)")));
     }
     for (const c of this.controls) {
       const v = values[c.name];
@@ -270,10 +268,12 @@ class Column {
     }
   }
 
+  // a parameter declared to apply only when others have some values (GET /methods' `when`) shows only then
   paramsChanged() {
-    const target = this.controls.find((c) => c.name === "target");
+    const byName = new Map(this.controls.map((c) => [c.name, c]));
     for (const c of this.controls) {
-      c.node.hidden = !!(c.targets && target && !c.targets.includes(target.get()));
+      const when = Object.entries(c.param.when || {});
+      c.node.hidden = when.some(([name, values]) => byName.has(name) && !values.map(String).includes(byName.get(name).get()));
     }
   }
 
@@ -398,7 +398,7 @@ class Column {
     } else if (data.masks) {
       this.showSweep(data);
     } else if (data.image && data.objective) {
-      this.showMaximized(data);
+      this.showLongResult(data);
     } else if (data.predictions) {
       this.view.append(predictionList(data.predictions));
       this.last.drawn = { kind: "predictions" };
@@ -473,7 +473,7 @@ class Column {
   }
 
   async runStream(m, image, request, signal) {
-    const total = Number(request.steps ?? m.params.find((p) => p.name === "steps")?.default ?? 0);
+    let total = 0; // from the progress events
     const text = el("p", { class: "progress", text: "waiting for the first step…" });
     const chart = el("canvas", { class: "chart", width: 360, height: 110, "aria-label": "objective per step" });
     const stop = el("button", { type: "button", class: "stop", text: "Stop", onclick: () => this.abort?.abort() });
@@ -487,6 +487,7 @@ class Column {
     } else {
       await api.readEvents(resp, (name, data) => {
         if (name === "progress") {
+          total = data.total;
           objective.push(data.objective);
           text.textContent = `step ${data.step + 1}/${total} · objective ${Number(data.objective).toPrecision(5)}`;
           this.pane.dataset.step = String(data.step + 1);
@@ -502,17 +503,17 @@ class Column {
     if (!result) throw new Error("the stream ended without a result");
     this.last.response = result;
     draw.lineChart(chart, result.objective, result.objective.length);
-    this.showMaximized(result);
+    this.showLongResult(result);
   }
 
-  showMaximized(data) {
+  showLongResult(data) {
     this.last.response = data;
-    const img = el("img", { class: "maximized", src: `data:image/png;base64,${data.image}`, alt: "the maximizing input" });
+    const img = el("img", { class: "long-result", src: `data:image/png;base64,${data.image}`, alt: "the picture of the result" });
     const last = data.objective.at(-1);
     this.view.append(el("figure", { class: "result" }, img,
       el("figcaption", { text: `${data.objective.length} steps, final objective ${last == null ? "–" : Number(last).toPrecision(5)}` })));
-    this.last.drawn = { kind: "maximized" };
-    this.pane.dataset.kind = "maximized";
+    this.last.drawn = { kind: "long" };
+    this.pane.dataset.kind = "long";
   }
 
   refreshOpacity() {
@@ -531,7 +532,7 @@ class Column {
     const name = `${this.last.method}.png`;
     let canvas = null;
     if (d.kind === "picture") return download(this.last.blob, `${this.last.method}.${this.last.ext}`);
-    if (d.kind === "maximized") {
+    if (d.kind === "long") {
       const bytes = Uint8Array.from(atob(this.last.response.image), (c) => c.charCodeAt(0));
       return download(new Blob([bytes], { type: "image/png" }), name);
     }

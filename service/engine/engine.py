@@ -1,14 +1,15 @@
 """Run one batch of jobs through one resident model: one forward pass, then each job's method.
 
-The engine knows methods only by what their jobs declare (`Needs`, service/methods/base.py):
+The engine knows methods only by what their jobs declare (service/engine/contract.py):
 
     plain pass     under torch.inference_mode: attention reduced as it is made, q/k, block outputs
     autograd pass  every block's whole attention and its gradient w.r.t. each image's class logit
-    ascent step    activation maximization: the gradient of each image's objective w.r.t. its pixels
+    step           long work (`Stepwise`): the gradient of each image's objective w.r.t. its input
 
-The batch is split at most once, between the plain and the autograd pass. Within a pass every
-image gets its own method and parameters, and jobs with equal parameters are computed together;
-nothing about an image depends on its batch neighbours.
+`run` answers a batch of one-pass jobs: it is split at most once, between the plain and the
+autograd pass. Within a pass every image gets its own method and parameters, and jobs with equal
+parameters are computed together; nothing about an image depends on its batch neighbours.
+`step` takes one step of a batch of long-work states.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from torch import nn
 from service import models
 from service.engine import faithfulness
 from service.engine.capture import attention_modules, capture, install_hooks
-from service.engine.jobs import Job, Prediction, Result
-from service.methods import job
-from service.methods.base import Captured, ModelShape, Needs, Reduction
+from service.engine.contract import Captured, Job, ModelShape, Needs, Prediction, Reduction, Result
 
 TOP_K = 5
 # Perturbed copies per forward pass of the faithfulness curves (service/engine/faithfulness.py).
@@ -74,16 +73,17 @@ class Engine:
         x = self.prepare(images)
         needs = [j.method.needs(j.params, self.shape) for j in jobs]
         results: list[Result | None] = [None] * len(jobs)
-        grad_idx = [i for i, n in enumerate(needs) if n.grad]
-        plain_idx = [i for i, n in enumerate(needs) if not n.grad]
+        grad_idx = [i for i, n in enumerate(needs) if n.grad_class is not None]
+        plain_idx = [i for i, n in enumerate(needs) if n.grad_class is None]
         for idx, runner in ((plain_idx, self._run_plain), (grad_idx, self._run_grad)):
             if idx:
                 part = x[idx] if len(idx) < len(jobs) else x
                 for i, r in zip(idx, runner(part, [jobs[i] for i in idx], [needs[i] for i in idx])):
                     results[i] = r
-        scored = [i for i, j in enumerate(jobs) if j.method.asks_faithfulness(j.params)]
+        asks = {i: j.method.faithfulness(j.params, results[i], self.shape) for i, j in enumerate(jobs)}
+        scored = [i for i, ask in asks.items() if ask is not None]
         if scored:
-            self._score(x[scored] if len(scored) < len(jobs) else x, [jobs[i] for i in scored], scored, results)
+            self._score(x[scored] if len(scored) < len(jobs) else x, [asks[i] for i in scored], scored, results)
         return results  # type: ignore[return-value]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,22 +100,34 @@ class Engine:
         pixels = images.to(self.device).permute(0, 3, 1, 2).contiguous().float().div_(255.0)  # in [0, 1]
         return pixels.sub_(self._mean).div_(self._std).to(self.dtype)
 
-    def warmup(self, jobs: Sequence[Job] | None = None, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run these jobs (default: both passes, rollout and gradient rollout) once, so that the first
-        real request does not pay for lazy initialisation."""
+    def warmup(self, jobs: Sequence[Job], batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run these jobs (one of each pass, say) once, so that the first real request does not pay
+        for lazy initialisation."""
         h, w = self.input_size
-        jobs = jobs or [job("rollout"), job("grad-rollout", category_id=0)]
         for b in batch_sizes:
             x = torch.zeros(b, h, w, 3, dtype=torch.uint8)
             for j in jobs:
                 self.run(x, [j] * b)
 
-    def ascend(self, pixels: torch.Tensor, jobs: Sequence[Job]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of activation maximization for a batch: pixels (B, 3, H, W) in [0, 1], as each job's
-        method shifts them, -> (each image's objective (B,), its gradient w.r.t. the pixels (B, 3, H, W)).
+    def step(self, states: Sequence, jobs: Sequence[Job]) -> list[float]:
+        """One step of long work (`Stepwise` methods) for each state, in place.
 
-        The objective and the regularisers are the methods' (`objective`); the weights never require grad.
+        Each job's method makes this step's input (`shifted`), the batch runs through the model
+        once, and each method updates its own state with its own gradient (`update`).
+        -> each image's objective value.
         """
+        pixels = torch.stack([j.method.shifted(j.params, s) for j, s in zip(jobs, states)])
+        value, grad = self._input_gradient(pixels, jobs)
+        grad, value = grad.float().cpu(), value.cpu().tolist()
+        for i, (j, s) in enumerate(zip(jobs, states)):
+            j.method.update(j.params, s, grad[i], value[i])
+        return value
+
+    # -- passes -----------------------------------------------------------------------------
+    def _input_gradient(self, pixels: torch.Tensor, jobs: Sequence[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels (B, 3, H, W) in [0, 1] -> (each image's objective value (B,), the gradient of its
+        value - penalty w.r.t. its pixels (B, 3, H, W)). The objectives are the methods'
+        (`objective`); the weights never require grad."""
         needs = [j.method.needs(j.params, self.shape) for j in jobs]
         x = self._to_device(pixels).detach().requires_grad_(True)
         qk = frozenset().union(*(n.qk for n in needs))
@@ -135,29 +147,9 @@ class Engine:
             (grad,) = torch.autograd.grad(loss.sum(), x)  # images are independent: sum of their own losses
         return value.detach(), grad.detach()
 
-    def step(self, states: Sequence, jobs: Sequence[Job]) -> list[float]:
-        """One ascent step for each state of an iterative method (activation maximization), in place.
-
-        Each job's method shifts its image (`shifted`), this batch runs `ascend`, and each method
-        updates its own state with its own gradient (`update`). -> each image's objective.
-        """
-        pixels = torch.stack([j.method.shifted(j.params, s) for j, s in zip(jobs, states)])
-        value, grad = self.ascend(pixels, jobs)
-        grad, value = grad.float().cpu(), value.cpu().tolist()
-        for i, (j, s) in enumerate(zip(jobs, states)):
-            j.method.update(j.params, s, grad[i], value[i])
-        return value
-
-    # -- passes -----------------------------------------------------------------------------
-    def _score(self, x: torch.Tensor, jobs: Sequence[Job], idx: list[int], results: list) -> None:
-        """The faithfulness curves of the maps of results[idx], whose inputs are x (b, 3, H, W): all of
-        their perturbed copies through the model together, in chunks."""
-        asks = []
-        for i, j in zip(idx, jobs):
-            r, p = results[i], j.params
-            maps = torch.from_numpy(r.maps).reshape(-1, *self.grid)  # (F, gh, gw)
-            classes = tuple(j.method.explained_classes(p, r, self.shape))
-            asks.append(faithfulness.Ask(maps, classes, p.faithfulness_steps, p.removal, p.order))
+    def _score(self, x: torch.Tensor, asks: Sequence[faithfulness.Ask], idx: list[int], results: list) -> None:
+        """The faithfulness curves that `asks` name of the maps of results[idx], whose inputs are x
+        (b, 3, H, W): all of their perturbed copies through the model together, in chunks."""
         chunk = FAITHFULNESS_CHUNK.get(x.device.type, 32)
         for i, curves in zip(idx, faithfulness.score(self.model, x, asks, self.grid, chunk)):
             results[i] = replace(results[i], faithfulness=curves)
@@ -191,7 +183,7 @@ class Engine:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad(), capture(attn_layers=frozenset(layers)) as store:
             logits = self.model(x)
-            cats = torch.tensor([j.params.category_id for j in jobs], device=logits.device)
+            cats = torch.tensor([n.grad_class for n in needs], device=logits.device)
             target = logits.gather(1, cats[:, None]).sum()  # images are independent: sum of own logits
             attn = [store.attn[l] for l in layers]
             grads = torch.autograd.grad(target, attn)  # per block dy/dA (B, H, N, N)

@@ -85,7 +85,7 @@ def _local(args, settings: list[dict[str, Any]]) -> dict[str, Any]:
 
     from service import imaging, models
     from service.config import DEFAULT_MODELS
-    from service.engine.runner import Engine
+    from service.engine.engine import Engine
     from service.methods import compare as cmp
 
     try:

@@ -27,29 +27,18 @@ import json
 import math
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.cli import FAILED, OK, REFUSED, UNREACHABLE, USAGE, Refused, write_atomically
 from service.methods import REGISTRY, Method
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 SUFFIX_FORMATS = {".png": "png", ".json": "json", ".gif": "gif", ".apng": "apng", ".jpg": "jpeg", ".jpeg": "jpeg",
                   ".webp": "webp"}
 EXTENSIONS = {"png": ".png", "json": ".json", "gif": ".gif", "apng": ".png", "jpeg": ".jpg", "webp": ".webp"}
-
-OK, USAGE, UNREACHABLE, REFUSED, FAILED = 0, 2, 3, 4, 5
-
-
-class Refused(Exception):
-    """An input or parameter the service or the engine refused: (exit code, message)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service explain", description=__doc__,
@@ -137,11 +126,11 @@ def _output_format(args: argparse.Namespace, method: Method, many: bool) -> str:
     return fmt
 
 
-def _targets(out: str | None, images: list[Path | None], fmt: str) -> list[Path | None]:
+def _targets(out: str | None, images: list[Path | None], fmt: str, name: str) -> list[Path | None]:
     """Where each image's answer goes (None: stdout), checked before any request: an existing
     folder takes the answers inside it; a file's folder must exist; several images need a folder."""
     def inside(folder: Path, image: Path | None) -> Path:
-        return folder / f"{image.stem if image else 'activation-max'}{EXTENSIONS[fmt]}"
+        return folder / f"{image.stem if image else name}{EXTENSIONS[fmt]}"
 
     if out is None:
         return [None] * len(images)
@@ -163,19 +152,6 @@ def _targets(out: str | None, images: list[Path | None], fmt: str) -> list[Path 
     return [path]
 
 
-def write_atomically(target: Path, data: bytes) -> None:
-    """data -> target through a temporary file beside it, renamed when complete: a failure never
-    leaves a partial file under the target's name."""
-    fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(part, target)
-    except BaseException:
-        Path(part).unlink(missing_ok=True)
-        raise
-
-
 # -- the two ways to run a method ------------------------------------------------------------------
 class Remote:
     """Through a running service, by the Python client: one request per image."""
@@ -190,12 +166,12 @@ class Remote:
     def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress,
             target: Path | None) -> bytes | None:
         """-> the answer's bytes, or None when it has been written to `target` (streamed there)."""
-        from service.client import ServiceError
+        from service.client import ServiceError, picture_of
 
         try:
-            if method.iterative:  # streamed, for the progress bar
-                answer = self.client.activation_max(image, model=self.model, on_progress=progress, **params)
-                return json.dumps(answer.raw).encode() if fmt == "json" else _png(answer.image)
+            if method.kind == "long":  # streamed, for the progress bar; its JSON answer carries its picture
+                answer = self.client.request(method.route, image, model=self.model, on_progress=progress, **params)
+                return answer if fmt == "json" else picture_of(json.loads(answer))
             got = self.client.request(method.route, image, format=fmt, model=self.model, to=target, **params)
             return None if target is not None else got
         except ServiceError as e:
@@ -210,7 +186,7 @@ class Local:
 
         from service import models
         from service.config import DEFAULT_MODELS
-        from service.engine.runner import Engine
+        from service.engine.engine import Engine
 
         spec = models.ModelSpec.parse(spec or DEFAULT_MODELS[-1])
         model = models.create(spec)
@@ -222,8 +198,7 @@ class Local:
         import torch
 
         from service import imaging
-        from service.engine import ops
-        from service.methods.base import InvalidParams
+        from service.methods import InvalidParams
 
         shape = self.engine.shape
         try:
@@ -235,13 +210,12 @@ class Local:
             raise Refused(REFUSED, f"{image or method.name}: {e}") from None
         img = decoded.canvas if decoded is not None else None
         job = method.job(p)
-        if method.iterative:
-            start = ops.unit_pixels(decoded.pixels) if decoded is not None else None
-            state = method.start(p, start, shape)
-            for step in range(p.steps):
+        if method.kind == "long":
+            state = method.start(p, decoded.pixels if decoded is not None else None, shape)
+            for step in range(method.steps(p)):
                 (value,) = self.engine.step([state], [job])
                 progress(step, value)
-            result = method.result(state)
+            result = method.result(p, state)
         else:
             (result,) = self.engine.run(torch.from_numpy(decoded.pixels)[None], [job])
         if fmt == "json":
@@ -288,15 +262,15 @@ def _run(args, method: Method, params: dict, out, err) -> int:
     if many and args.out is None:
         raise Refused(USAGE, "several images need -o FOLDER")
     fmt = _output_format(args, method, many)
-    targets = _targets(args.out, images, fmt)
+    targets = _targets(args.out, images, fmt, method.name)
     try:
         runner = (Remote(args.server, args.api_key, args.model, args.deadline, args.max_answer_mb) if args.server
                   else Local(args.model, args.device))
     except Exception as e:  # noqa: BLE001 - a model that cannot load is the user's to fix
         raise Refused(FAILED, f"cannot load the model: {type(e).__name__}: {e}") from None
     bar = tqdm(total=len(images), unit="image", disable=args.quiet or not many, file=err)
-    steps_bar = tqdm(total=getattr(method.Params(**params), "steps", 0), unit="step", disable=args.quiet or many,
-                     file=err) if method.iterative else None
+    steps_bar = tqdm(total=method.steps(method.Params(**params)), unit="step", disable=args.quiet or many,
+                     file=err) if method.kind == "long" else None
 
     def progress(step: int, value: float) -> None:
         if steps_bar is not None:
@@ -325,14 +299,6 @@ def _run(args, method: Method, params: dict, out, err) -> int:
         if steps_bar is not None:
             steps_bar.close()
     return OK
-
-
-def _png(img) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
