@@ -20,7 +20,7 @@ from PIL import Image
 from bench.path import photo_jpeg
 from service import imaging
 from service.config import SHAPES_VIT
-from service.engine.runner import Engine
+from service.engine.engine import Engine
 from service.methods import job
 
 SIZES = ((4000, 3000), (3000, 4000), (1920, 1280), (1200, 900))

@@ -23,7 +23,7 @@ import copy
 import torch
 
 from bench import inprocess
-from service.engine.runner import FAITHFULNESS_CHUNK, Engine
+from service.engine.engine import FAITHFULNESS_CHUNK, Engine
 from service.methods import job
 
 

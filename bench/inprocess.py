@@ -29,7 +29,7 @@ from torch import nn
 
 from bench.naive import NaiveRollout
 from service.methods import job
-from service.engine.runner import Engine
+from service.engine.engine import Engine
 
 ARCH = "deit_tiny_patch16_224"
 SEED = 0

@@ -19,7 +19,7 @@ import httpx
 import torch
 
 from bench import inprocess, served
-from service.engine.runner import Engine
+from service.engine.engine import Engine
 from service.methods import job
 from service.methods.sweep import DEFAULT_RATIOS
 
