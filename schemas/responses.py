@@ -105,6 +105,8 @@ class MethodInfo(_Out):
     kind: Literal["one-pass", "long"]
     image: Literal["required", "optional"]
     max_images: int  # images one request may carry (several are answered as JSON, one result each)
+    faithful: bool  # takes the faithfulness options: its maps can be scored (docs/faithfulness.md)
+    comparable: bool  # answers one map: a setting of POST /compare
     formats: list[str]
     params: list[ParamInfo]
 

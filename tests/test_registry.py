@@ -41,3 +41,24 @@ def test_equal_parameters_are_equal_jobs_and_per_image_ones_share_a_group():
     r = REGISTRY["rollout"]
     assert r.job(r.Params(format="png")).key == r.job(r.Params(format="json")).key
     assert r.job(r.Params(discard_ratio=0.5)).key != r.job(r.Params()).key
+
+
+def test_get_methods_declares_each_methods_kind_images_and_conditions():
+    from fastapi.testclient import TestClient
+
+    app = create_app(Settings(models=["x=local-dir:/nonexistent"], device="cpu", max_images=5))
+    with TestClient(app) as c:
+        listed = {m["name"]: m for m in c.get("/methods").json()}
+    assert list(listed) == list(REGISTRY)
+    for name, m in REGISTRY.items():
+        info = listed[name]
+        assert info["kind"] == m.kind and info["image"] == m.image, name
+        assert info["max_images"] == (5 if m.max_images is None else min(m.max_images, 5)), name
+        assert (info["faithful"], info["comparable"]) == (m.faithful, m.comparable), name
+    long = [n for n, i in listed.items() if i["kind"] == "long"]
+    assert long == ["activation-max"] and listed["activation-max"]["max_images"] == 1
+    assert listed["activation-max"]["image"] == "optional"
+    when = {p["name"]: p["when"] for p in listed["activation-max"]["params"]}
+    assert when["category_id"] == {"target": ["class"]} and when["head"] == {"target": ["q", "k"]}
+    assert when["steps"] is None
+    assert all(i["kind"] == "one-pass" and i["image"] == "required" for n, i in listed.items() if n not in long)

@@ -39,12 +39,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".ti
 SUFFIX_FORMATS = {".png": "png", ".json": "json", ".gif": "gif", ".apng": "apng", ".jpg": "jpeg", ".jpeg": "jpeg",
                   ".webp": "webp"}
 EXTENSIONS = {"png": ".png", "json": ".json", "gif": ".gif", "apng": ".png", "jpeg": ".jpg", "webp": ".webp"}
+DEFAULT_METHOD = next(iter(REGISTRY))  # the first registered
+
 
 def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service explain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders or globs")
-    p.add_argument("--method", default="rollout", choices=list(REGISTRY), help="the method (default: rollout)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(REGISTRY),
+                   help=f"the method (default: {DEFAULT_METHOD})")
     p.add_argument("-o", "--out", help="output file, or an existing folder (one image); folder (several)")
     p.add_argument("--format", help="output format (default: from OUT's extension, else the method's first)")
     p.add_argument("--server", help="URL of a running service, e.g. http://127.0.0.1:8000")

@@ -127,6 +127,7 @@ class Method:
         own = self.max_images
         return rs.MethodInfo(name=self.name, path=self.route, summary=self.summary, kind=self.kind, image=self.image,
                              max_images=max_images if own is None else min(own, max_images),
+                             faithful=self.faithful, comparable=self.comparable,
                              formats=list(self.formats), params=param_infos(self.Params))
 
 

@@ -586,12 +586,11 @@ function faithfulnessView(f, { small = false } = {}) {
 }
 
 // -- POST /compare: several settings on the image, ranked, as a table of thumbnails ----------------
-const DEFAULT_SETTINGS = (cls) => [
-  { method: "rollout", params: { head_fusion: "max", discard_ratio: 0.9 } },
-  { method: "rollout", params: { head_fusion: "min", discard_ratio: 0.9, start_layer: 2 } },
-  { method: "grad-rollout", params: { category_id: cls } },
-  { method: "gae", params: { category_id: cls } },
-];
+// every method GET /methods declares comparable, at its defaults; a required class is the top prediction
+const DEFAULT_SETTINGS = (cls) => state.methods.filter((m) => m.comparable).map((m) => ({
+  method: m.name,
+  params: Object.fromEntries(m.params.filter((p) => p.required && p.below === "classes").map((p) => [p.name, cls])),
+}));
 
 function settingText(s) {
   const params = Object.entries(s.params || {}).map(([k, v]) => `${k}=${v}`).join(" ");
