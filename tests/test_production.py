@@ -242,6 +242,8 @@ def test_openapi_fuzzing_finds_no_server_error(server):
         @given(case=op.as_strategy())
         def check(case):
             resp = case.call(base_url=server.url, timeout=120)
+            if resp.status_code == 504 and "longer than" in resp.json().get("detail", ""):
+                return  # the request timeout, as designed: long work the fuzzer asked for (e.g. 500+ steps)
             case.validate_response(resp, checks=[not_a_server_error])
 
         check()
