@@ -112,12 +112,23 @@ class Maximized:
         return cls(image=Image.open(io.BytesIO(picture_of(raw))), objective=objective, raw=raw)
 
 
+def _long_answer_bytes(answer: dict[str, Any]) -> bytes:
+    """A streamed result, checked to be long work's answer, as JSON bytes."""
+    Maximized.of(answer)
+    return json.dumps(answer).encode()
+
+
 def picture_of(answer: dict[str, Any]) -> bytes:
-    """The picture of long work's JSON answer: its `image`, a base64 PNG (checked whole)."""
-    png = base64.b64decode(answer["image"], validate=True)
-    if not (png.startswith(SIGNATURES["png"][0]) and png.endswith(SIGNATURES["png"][1])):
-        raise ValueError("the image is not a whole PNG")
-    Image.open(io.BytesIO(png)).load()
+    """The picture of long work's JSON answer (GET /methods' kind "long"): its `image`, a base64 PNG,
+    checked whole (AnswerError otherwise)."""
+    try:
+        png = base64.b64decode(answer["image"], validate=True)
+        if not (png.startswith(SIGNATURES["png"][0]) and png.endswith(SIGNATURES["png"][1])):
+            raise ValueError("the image is not a whole PNG")
+        Image.open(io.BytesIO(png)).load()
+    except (KeyError, TypeError, ValueError, OSError, binascii.Error) as e:
+        raise AnswerError(502, f"the answer is not long work's (an image and its objective): "
+                               f"{_excerpt(str(e) or type(e).__name__)}") from None
     return png
 
 
@@ -259,7 +270,7 @@ class _Methods:
         if on_progress is not None:
             if format != "json" or to is not None:
                 raise ValueError("a streamed answer is JSON, returned: give neither another format nor `to`")
-            call = _Call(path, fields, images, "json", False, parse=lambda answer: json.dumps(answer).encode())
+            call = _Call(path, fields, images, "json", False, parse=_long_answer_bytes)
             return self._send_stream(call, on_progress)
         call = _Call(path, fields, images, format, False, raw=True)
         return self._send(call, None if to is None else Path(to))

@@ -88,12 +88,8 @@ def _accepted(method: Method, ctx: Ctx, params: BaseModel) -> ServedModel:
     return served
 
 
-def _max_images(ctx: Ctx, method: Method) -> int:
-    return ctx.settings.max_images if method.max_images is None else min(method.max_images, ctx.settings.max_images)
-
-
 async def explain(request: Request, ctx: Ctx, method: OnePassMethod) -> Response:
-    params, blobs = await read_request(request, method.Params, _max_images(ctx, method),
+    params, blobs = await read_request(request, method.Params, method.images_per_request(ctx.settings.max_images),
                                        image_required=method.image == "required")
     served = _accepted(method, ctx, params)
     shape = served.shape
@@ -148,7 +144,7 @@ async def long_work(request: Request, ctx: Ctx, method: LongMethod) -> Response:
     With `Accept: text/event-stream` the answer streams `progress` events ({"step", "total", "objective"})
     as the steps run, then one `result` event (the JSON answer) or one `error` event ({"detail"}).
     """
-    params, blobs = await read_request(request, method.Params, _max_images(ctx, method),
+    params, blobs = await read_request(request, method.Params, method.images_per_request(ctx.settings.max_images),
                                        image_required=method.image == "required")
     served = _accepted(method, ctx, params)
     close = served.batcher.open_session(ctx.settings.max_maximizations)  # 503 past the limit, taken at once

@@ -122,11 +122,14 @@ class Method:
         return 1
 
     # -- description -----------------------------------------------------------------------------
-    def info(self, max_images: int) -> rs.MethodInfo:
-        """GET /methods' entry; max_images: the service's limit of images per request."""
-        own = self.max_images
+    def images_per_request(self, limit: int) -> int:
+        """How many images one request may carry, under the service's `limit` (--max-images)."""
+        return limit if self.max_images is None else min(self.max_images, limit)
+
+    def info(self, limit: int) -> rs.MethodInfo:
+        """GET /methods' entry; limit: the service's --max-images."""
         return rs.MethodInfo(name=self.name, path=self.route, summary=self.summary, kind=self.kind, image=self.image,
-                             max_images=max_images if own is None else min(own, max_images),
+                             max_images=self.images_per_request(limit),
                              faithful=self.faithful, comparable=self.comparable,
                              formats=list(self.formats), params=param_infos(self.Params))
 
