@@ -1,5 +1,5 @@
-"""The README is true: every `curl` of its sh blocks runs as written against a real server, and every
-relative link of the README and docs/ leads to a file (and heading) that exists.
+"""The README is true: every `curl` of the sh blocks of the README and docs/ runs as written against a
+real server, and every relative link of the README and docs/ leads to a file (and heading) that exists.
 
 The server is started as `make run` starts it (`python -m service serve` with the default models,
 offline, so the demo model shapes-vit serves when DeiT's weights are not cached), on a free port
@@ -56,8 +56,12 @@ def sh_commands(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def curls() -> list[tuple[int, str]]:
-    return [(no, c) for no, c in sh_commands(README.read_text()) if re.search(r"\bcurl\b", c)]
+def curls(md: Path = README) -> list[tuple[int, str]]:
+    return [(no, c) for no, c in sh_commands(md.read_text()) if re.search(r"\bcurl\b", c)]
+
+
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+CURLS = [(md, no, c) for md in DOCS for no, c in curls(md)]
 
 
 def test_readme_is_short_and_starts_with_a_curl():
@@ -93,23 +97,23 @@ def last_head(raw: str) -> tuple[int, dict[str, str]]:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-@pytest.mark.parametrize(("line", "cmd"), curls(), ids=[f"line{no}" for no, _ in curls()])
-def test_readme_curl_runs_as_written(server, workdir, line, cmd):
-    headers_file = workdir / f"headers-{line}.txt"
+@pytest.mark.parametrize(("md", "line", "cmd"), CURLS, ids=[f"{md.relative_to(ROOT)}:{no}" for md, no, _ in CURLS])
+def test_documented_curl_runs_as_written(server, workdir, md, line, cmd):
+    headers_file = workdir / f"headers-{md.stem}-{line}.txt"
     run = re.sub(r"\bcurl\b", f"curl -D {headers_file}", cmd, count=1).replace("http://127.0.0.1:8000", server.url)
     out_match = re.search(r"(?:^|\s)-o\s+(\S+)", cmd)
     if out_match:
         (workdir / out_match.group(1)).unlink(missing_ok=True)
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; {run}"], cwd=workdir, capture_output=True, timeout=180)
-    assert proc.returncode == 0, f"README line {line} exited {proc.returncode}: {proc.stderr.decode()[-500:]}"
+    assert proc.returncode == 0, f"{md.name} line {line} exited {proc.returncode}: {proc.stderr.decode()[-500:]}"
     status, headers = last_head(headers_file.read_text(errors="replace"))
     ctype = headers.get("content-type", "").split(";")[0]
-    assert status == 200, f"README line {line}: HTTP {status}: {proc.stdout[:500]!r}"
+    assert status == 200, f"{md.name} line {line}: HTTP {status}: {proc.stdout[:500]!r}"
     if out_match:
         body = (workdir / out_match.group(1)).read_bytes()
         expected = SUFFIX_TYPES[Path(out_match.group(1)).suffix]
-        assert ctype == expected, f"README line {line} writes {out_match.group(1)} but got {ctype}"
-        assert body.startswith(MAGIC[ctype]) and len(body) > 100, f"README line {line}: not a whole {ctype}"
+        assert ctype == expected, f"{md.name} line {line} writes {out_match.group(1)} but got {ctype}"
+        assert body.startswith(MAGIC[ctype]) and len(body) > 100, f"{md.name} line {line}: not a whole {ctype}"
     elif ctype == "application/json":
         answer = json.loads(proc.stdout)
         assert answer and "detail" not in answer
@@ -119,7 +123,7 @@ def test_readme_curl_runs_as_written(server, workdir, line, cmd):
         events = re.findall(r"^event: (\w+)", proc.stdout.decode(), re.M)
         assert events and events[-1] == "result" and "error" not in events, events
     else:
-        pytest.fail(f"README line {line}: an answer of type {ctype!r} printed to the terminal")
+        pytest.fail(f"{md.name} line {line}: an answer of type {ctype!r} printed to the terminal")
 
 
 # -- links -----------------------------------------------------------------------------------------
@@ -132,9 +136,6 @@ def slug(heading: str) -> str:
 def anchors(md: Path) -> set[str]:
     text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
     return {slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
-
-
-DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("md", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
