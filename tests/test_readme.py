@@ -126,6 +126,29 @@ def test_documented_curl_runs_as_written(server, workdir, md, line, cmd):
         pytest.fail(f"{md.name} line {line}: an answer of type {ctype!r} printed to the terminal")
 
 
+def python_blocks(md: Path) -> list[tuple[int, str]]:
+    text = md.read_text()
+    return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)]
+
+
+PYTHON = [(md, no, code) for md in DOCS for no, code in python_blocks(md) if "http://127.0.0.1:8000" in code]
+
+
+@pytest.mark.parametrize(("md", "line", "code"), PYTHON, ids=[f"{md.relative_to(ROOT)}:{no}" for md, no, _ in PYTHON])
+def test_documented_client_code_runs_as_written(server, workdir, monkeypatch, capsys, md, line, code):
+    """The client examples, run against the server: every call answers, of the type its comment says."""
+    monkeypatch.chdir(workdir)
+    scope: dict = {}
+    exec(compile(code.replace("http://127.0.0.1:8000", server.url), f"{md.name}:{line}", "exec"), scope)
+    assert scope["r"].mask.shape == (14, 14) and scope["r"].predictions
+    assert scope["png"].startswith(MAGIC["image/png"])
+    assert len(scope["both"]) == 2
+    assert scope["frames"].shape == (3, 14, 14)
+    assert scope["best"].image.size == (224, 224) and len(scope["best"].objective) == capsys.readouterr().out.count("\n")
+    if "table" in scope:
+        assert sorted(scope["table"].ranking) == [0, 1]
+
+
 # -- links -----------------------------------------------------------------------------------------
 def slug(heading: str) -> str:
     """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
