@@ -29,6 +29,8 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.config import RETRY_AFTER_S
+
 log = logging.getLogger("service.http")
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
@@ -67,7 +69,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             log.warning("connection limit (%d) reached with every connection busy: refusing a new one with 503",
                         self.max_connections)
             self._refuse(503, f"the server holds its limit of {self.max_connections} connections; try again shortly",
-                         retry_after=2)
+                         retry_after=RETRY_AFTER_S)
             return
         self._arm_header_timer()
 

@@ -30,7 +30,7 @@ from tests.server import free_port
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install '.[ray]' (make test installs it)")
 from ray import serve  # noqa: E402
 
-from service import ray_serve  # noqa: E402
+from service import ray_cli, ray_serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "deit_tiny_patch16_224"
@@ -45,12 +45,12 @@ def _post(client: httpx.Client, path: str, img: Image.Image, **fields) -> httpx.
 
 # -- without a cluster -----------------------------------------------------------------------------
 def test_plain_service_does_not_import_ray():
-    code = "import sys, service.app, service.__main__; sys.exit(1 if 'ray' in sys.modules else 0)"
+    code = "import sys, service.app, service.__main__, service.serve_cli, service.server; sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 
 def test_command_flags_reach_settings_and_deployment():
-    overrides, shape, own = ray_serve.parse(
+    overrides, shape, own = ray_cli.parse(
         ["--model", "a=local-dir:/x", "--replicas", "2", "--max-queue", "64", "--min-replicas", "1", "--max-replicas", "4",
          "--port", "9100", "--replica-cpus", "0.5", "--address", "10.0.0.1:6379", "--max-queued-requests", "20"])
     assert overrides == {"models": ["a=local-dir:/x"], "max_queue": "64", "port": "9100"}
@@ -63,7 +63,7 @@ def test_command_flags_reach_settings_and_deployment():
     assert config.max_queued_requests == 20 and config.max_ongoing_requests == 32  # 2 x max_batch_size
     assert config.backpressure_config.status_code == 503 and config.backpressure_config.retry_after_s == 2
     with pytest.raises(SystemExit):
-        ray_serve.parse(["--no-such-flag"])
+        ray_cli.parse(["--no-such-flag"])
 
 
 def _check_serve_config(config: dict) -> None:
@@ -121,7 +121,7 @@ def test_workers_is_refused_on_ray():
 
 def test_fractional_gpus_per_replica():
     argv = ["--model", "a=local-dir:/x", "--replica-gpus", "0.25", "--replica-cpus", "1"]
-    overrides, shape, _ = ray_serve.parse(argv)
+    overrides, shape, _ = ray_cli.parse(argv)
     built = ray_serve.build(overrides, **shape)._bound_deployment
     assert built.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert "device" not in built.init_args[0]  # the replica uses the GPU it shares (auto), not the CPU
@@ -139,7 +139,7 @@ def cluster(model_dirs):
     port = free_port()
     argv = ["--model", f"deit=local-dir:{model_dirs[ARCH]}", "--replicas", "2", "--replica-cpus", "0.5",
             "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-delay-ms", "10"]
-    overrides, shape, _ = ray_serve.parse(argv)
+    overrides, shape, _ = ray_cli.parse(argv)
     try:
         url = ray_serve.deploy(overrides, shape)
         yield url
@@ -341,7 +341,7 @@ def test_serve_answers_503_with_retry_after_past_its_queue(cluster, model_dirs):
     argv = ["--model", f"deit=local-dir:{model_dirs[ARCH]}", "--replicas", "1", "--replica-cpus", "0.5",
             "--max-ongoing-requests", "1", "--max-queued-requests", "1", "--api-key", KEY,
             "--host", "127.0.0.1", "--port", cluster.rsplit(":", 1)[1]]
-    overrides, shape, _ = ray_serve.parse(argv)
+    overrides, shape, _ = ray_cli.parse(argv)
     url = ray_serve.deploy(overrides, shape, name="edge", route_prefix="/edge")
     img = smooth_image(303)
     try:
