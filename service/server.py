@@ -67,8 +67,9 @@ def connection_limits(settings: Settings) -> dict:
         log.warning("httptools is not installed: serving with h11, without a header timeout or accept-time "
                     "connection limit (service/http.py); put a proxy in front that sets them (docs/proxy.md)")
         return {**limits, "http": "h11"}
-    from service.http import GuardedHttpToolsProtocol
+    from service.http import GuardedHttpToolsProtocol, check_uvicorn
 
+    check_uvicorn()  # ValueError: refuse to serve unguarded
     return {**limits, "http": GuardedHttpToolsProtocol.configured(
         max_connections=settings.connection_limit, header_timeout=settings.read_timeout_s,
         max_header_bytes=int(settings.max_header_kb * 1024))}
@@ -89,11 +90,12 @@ def serve(settings: Settings, listen: Callable[[], socket.socket] | None = None)
     configure_logging(settings.log_level, settings.log_json)
     try:
         app = create_app(settings)
+        limits = connection_limits(settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, log_config=None, timeout_graceful_shutdown=settings.request_timeout_s,
-                            **connection_limits(settings))
+                            **limits)
     _Server(config, app).run(sockets=[listen()] if listen else None)
     return 0

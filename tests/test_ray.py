@@ -66,6 +66,28 @@ def test_command_flags_reach_settings_and_deployment():
         ray_cli.parse(["--no-such-flag"])
 
 
+def test_every_setting_is_a_flag_of_the_ray_command(capsys):
+    """The same settings flags as `python -m service serve` (service/flags.py), and in its help."""
+    from service.config import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--model" if name == "models" else "--" + name.replace("_", "-")
+        argv = [f"--no-{flag[2:]}"] if field.annotation is bool else [flag, "7"]
+        overrides, _, _ = ray_cli.parse(argv)
+        assert overrides == {name: False if field.annotation is bool else ["7"] if name == "models" else "7"}, name
+    with pytest.raises(SystemExit) as e:
+        ray_cli.parse(["--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--replica-gpus" in shown and "--max-batch-size" in shown and "--api-key" in shown
+
+
+def test_building_the_application_names_what_is_unguarded_on_ray(caplog):
+    with caplog.at_level("WARNING", logger="service.ray"):
+        ray_serve.build({"models": ["a=local-dir:/x"]})
+    assert any("header timeout" in r.getMessage() and "docs/proxy.md" in r.getMessage() for r in caplog.records)
+
+
 def _check_serve_config(config: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
