@@ -1,5 +1,5 @@
-"""python -m service COMMAND ...: runs the command's own module (COMMANDS); `python -m service
-COMMAND --help` lists its flags."""
+"""python -m service COMMAND ...: serve, explain, compare or ray, each run by its own module
+(COMMANDS); `python -m service COMMAND --help` lists its flags."""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def _own_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-replicas", type=int, help="autoscale: most replicas")
     p.add_argument("--target-ongoing-requests", type=float,
                    help="autoscale: requests per replica to aim for (default --max-batch-size)")
-    p.add_argument("--max-ongoing-requests", type=int, help="requests one replica takes at once (default 2 x --max-batch-size)")
+    p.add_argument("--max-ongoing-requests", type=int,
+                   help="requests one replica takes at once (default 2 x --max-batch-size)")
     p.add_argument("--max-queued-requests", type=int,
                    help="requests waiting in each proxy before Serve answers 503 + Retry-After (default --max-queue)")
     p.add_argument("--replica-cpus", type=float, help="CPUs per replica (default 1; on CPU also its torch threads)")

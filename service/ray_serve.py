@@ -4,7 +4,7 @@
     serve run docker/serve-config.yaml            (or serve deploy, on a running cluster)
 
 The deployment and the application builder (`import_path: service.ray_serve:app_builder`), and
-running it on a cluster (`running`); the command line is service/ray_cli.py. The only module
+running it on a cluster (`deploy`, `on_cluster`); the command line is service/ray_cli.py. The only module
 that imports ray; the plain service (`python -m service serve`) never loads it.
 
 Each replica runs the service's own FastAPI app (service/app.py create_app), built inside the

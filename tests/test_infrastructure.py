@@ -186,7 +186,7 @@ def test_the_log_setup_of_a_replica_leaves_the_root_logger_alone(capsys):
         finally:
             logs.request_id.reset(token)
         line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-        assert line["request_id"] == "find-me-7" and line["message"] == "hello" and line["logger"] == "test-infrastructure"
+        assert (line["request_id"], line["message"], line["logger"]) == ("find-me-7", "hello", "test-infrastructure")
     finally:
         target.handlers.clear()
         target.propagate = True

@@ -45,7 +45,8 @@ def _post(client: httpx.Client, path: str, img: Image.Image, **fields) -> httpx.
 
 # -- without a cluster -----------------------------------------------------------------------------
 def test_plain_service_does_not_import_ray():
-    code = "import sys, service.app, service.__main__, service.serve_cli, service.server; sys.exit(1 if 'ray' in sys.modules else 0)"
+    code = ("import sys, service.app, service.__main__, service.serve_cli, service.server; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 
