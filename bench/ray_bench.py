@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from service import ray_serve
+    from service import ray_cli, ray_serve
 
     ray.init(address="local", num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, object_store_memory=100 * 1024 * 1024)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "serve x2": ["--replicas", "2", "--replica-cpus", str(cores / 2)],
         }
         for name, extra in layouts.items():
-            overrides, shape, _ = ray_serve.parse(base + extra)
+            overrides, shape, _ = ray_cli.parse(base + extra)
             ray_serve.deploy(overrides, shape)
             _wait_running(serve, shape["replicas"])
             cell(name, port, args.clients)

@@ -18,19 +18,18 @@ from service import imaging, runtime
 from service.api import compare, explain, explorer, meta
 from service.api.deps import Ctx, InvalidParams
 from service.api.explain import ClientGone
-from service.api.limits import safe_errors, safe_text
+from service.api.echoes import safe_errors, safe_text
 from service.api.middleware import RequestMiddleware
 from service.api.parsing import ClientError
 from service.batching import QueueFull, ShuttingDown
 from service.budget import Abandoned, Busy, OverBudget
-from service.config import Settings
+from service.config import RETRY_AFTER_S, Settings
+from service.methods import REGISTRY
 from service.metrics import Metrics
 from service.models import ModelSpec
 from service.pool import ModelNotReady, ModelPool, UnknownModel, resolve_devices
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_S = 2
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,9 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="ViT explain",
         version="0.1.0",
-        description="What a Vision Transformer sees: attention rollout, gradient rollout, per-layer "
-        "class-token attention and Q/K feature images for timm ViTs. The [explorer page](/) draws them "
-        "in the browser.",
+        description=_description(),
         lifespan=lifespan,
         redirect_slashes=False,  # a redirect would be built from the request's Host header
     )
@@ -105,10 +102,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _description() -> str:
+    """What the service does, with every registered method (service/methods/) and its endpoint."""
+    methods = "\n".join(f"- `POST {m.route}` ({m.name}): {m.summary}" for m in REGISTRY.values())
+    return (f"What a Vision Transformer (timm) sees, one endpoint per method:\n\n{methods}\n\n"
+            "`GET /methods` lists their parameters. The [explorer page](/) draws them in the browser.")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Client mistakes -> 4xx with a detail; overload -> 503 + Retry-After.
 
-    Every detail is made safe to encode (service/api/limits.py): a message that quotes the input
+    Every detail is made safe to encode (service/api/echoes.py): a message that quotes the input
     is cut short, and a validation error echoes at most a short excerpt of the value it refused,
     never NaN, an unpaired surrogate or a megabyte of it.
     """

@@ -44,6 +44,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from schemas.media import MEDIA_TYPES
+
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
 Images = Union[ImageLike, Sequence[ImageLike]]
 Progress = Callable[[int, float], Any]  # (step, objective)
@@ -281,7 +283,7 @@ class _Methods:
         """The answer, once its status, content type and body are what the call asked for."""
         _check_status(resp, body)
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-        expected = MEDIA.get(call.format, "application/json")
+        expected = MEDIA_TYPES.get(call.format, "application/json")
         if media != expected:
             raise AnswerError(502, f"the answer is {media or 'of no content type'}, not the {expected} asked for")
         body.check(call.format)
@@ -295,8 +297,6 @@ class _Methods:
         return Image.open(io.BytesIO(data))
 
 
-MEDIA = {"json": "application/json", "png": "image/png", "apng": "image/png", "gif": "image/gif",
-         "jpeg": "image/jpeg", "webp": "image/webp"}
 SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"), "apng": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"),
               "jpeg": (b"\xff\xd8\xff", b"\xff\xd9"), "webp": (b"RIFF", b""),
               "gif": (b"GIF8", b";")}

@@ -4,6 +4,7 @@ them, command-line flags over those."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,6 +15,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # which works offline; when DeiT's weights cannot be had, the demo model becomes the default.
 SHAPES_VIT = Path(__file__).parent / "demo" / "shapes-vit"
 DEFAULT_MODELS = ["deit_tiny_patch16_224", f"shapes-vit=local-dir:{SHAPES_VIT}"]
+
+# Seconds a 503 (a full queue, a spent budget, a model still loading, the connection limit, Ray
+# Serve's back-pressure) asks the client to wait before it tries again: its Retry-After header.
+RETRY_AFTER_S = 2
 
 
 class Settings(BaseSettings):
@@ -88,6 +93,19 @@ class Settings(BaseSettings):
             if v.strip().startswith("["):
                 return json.loads(v)
             return [s for s in (p.strip() for p in v.split(",")) if s]
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_devices(cls, v: str) -> str:
+        """auto, or devices the service runs on (whether they are present is checked at start)."""
+        if v.strip() == "auto":
+            return "auto"
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        bad = [p for p in parts if not re.fullmatch(r"(cpu|cuda)(:\d+)?", p)]
+        if bad or not parts:
+            raise ValueError(f"device {', '.join(bad) or repr(v)} is not one the service runs on: "
+                             "give auto, cpu, cuda, cuda:N, or a comma list such as cuda:0,cuda:1")
         return v
 
     @field_validator("api_key")

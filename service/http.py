@@ -19,6 +19,12 @@ size with the h11 parser only; httptools has a fixed one of its own). So, per co
   so its buffered answer does not stay in memory.
 
 Body timeouts are the ASGI middleware's (service/api/middleware.py).
+
+This hooks uvicorn's httptools protocol, which is not a public API: pyproject.toml pins the
+uvicorn versions it was tested with (TESTED_UVICORN), a version outside them is named in a warning
+at start, and a uvicorn whose protocol lacks a hook or the state used here refuses to start
+(`check_uvicorn`). Where this protocol is not the one serving (h11 without httptools, Ray Serve's
+proxy) a warning at start names what is unguarded; docs/proxy.md has the proxy settings for that.
 """
 
 from __future__ import annotations
@@ -26,10 +32,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from service.config import RETRY_AFTER_S
 
 log = logging.getLogger("service.http")
+
+# uvicorn versions this protocol was tested with: >= the first, < the second (as pyproject.toml pins)
+TESTED_UVICORN = ((0, 54), (0, 55))
+# what GuardedHttpToolsProtocol overrides, and the protocol's state it reads
+HOOKS = ("connection_made", "connection_lost", "data_received", "on_message_begin", "on_headers_complete",
+         "on_response_complete")
+STATE = ("loop", "connections", "transport", "pipeline", "cycle")
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
@@ -41,6 +59,36 @@ def raw_response(status: int, detail: str, retry_after: int | None = None) -> by
     if retry_after is not None:
         head.append(b"retry-after: %d" % retry_after)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def check_uvicorn(version: str = uvicorn.__version__, protocol: type = HttpToolsProtocol) -> None:
+    """Refuse (ValueError) a uvicorn whose httptools protocol lacks a method this module overrides
+    or the state it reads, so that the guards never fail quietly, or per connection; warn when
+    the version is outside the tested range (the guards may still work, or be subtly off)."""
+    missing = [h for h in HOOKS if not callable(getattr(protocol, h, None))]
+    loop = asyncio.new_event_loop()
+    try:
+        config = uvicorn.Config(app=_no_app, log_config=None)
+        instance = protocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+        missing += [f"self.{name}" for name in STATE if not hasattr(instance, name)]
+    except Exception as e:  # noqa: BLE001 - any failure to build one means the hooks cannot be trusted
+        missing.append(f"its constructor ({type(e).__name__}: {e})")
+    finally:
+        loop.close()
+    lo, hi = TESTED_UVICORN
+    wanted = f"uvicorn >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
+    if missing:
+        raise ValueError(f"uvicorn {version}'s httptools protocol lacks {', '.join(missing)}, which the connection "
+                         f"guards (service/http.py) hook: refusing to serve unguarded; install {wanted}")
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if not lo <= parts < hi:
+        log.warning("uvicorn %s is outside the versions the connection guards (service/http.py: header timeout, "
+                    "header size limit, connection limit) were tested with (%s): they hook its internals", version,
+                    wanted)
+
+
+async def _no_app(scope, receive, send) -> None:  # noqa: ANN001 - only to build a protocol in check_uvicorn
+    raise RuntimeError("not an application")
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -67,7 +115,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             log.warning("connection limit (%d) reached with every connection busy: refusing a new one with 503",
                         self.max_connections)
             self._refuse(503, f"the server holds its limit of {self.max_connections} connections; try again shortly",
-                         retry_after=2)
+                         retry_after=RETRY_AFTER_S)
             return
         self._arm_header_timer()
 

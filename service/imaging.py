@@ -19,6 +19,7 @@ from cmap import Colormap
 from isal import isal_zlib
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from schemas.media import MEDIA_TYPES  # noqa: F401 - the methods' render() reaches it here
 from service import budget
 
 # We check the pixel count ourselves, from the header, before decoding anything.
@@ -460,8 +461,6 @@ def to_palette(img: Image.Image) -> Image.Image:
 
 
 # -- encoding ---------------------------------------------------------------------------------
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif",
-               "apng": "image/png", "json": "application/json"}
 JPEG_QUALITY = 90
 WEBP_QUALITY = 80
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,9 @@
     python -m service ray --model [ALIAS=]SPEC ... --replicas N --host H --port P [--address A]
     serve run docker/serve-config.yaml            (or serve deploy, on a running cluster)
 
-The only module that imports ray; the plain service (`python -m service serve`) never loads it.
+The deployment and the application builder (`import_path: service.ray_serve:app_builder`), and
+running it on a cluster (`deploy`, `on_cluster`); the command line is service/cli/ray.py. The only module
+that imports ray; the plain service (`python -m service serve`) never loads it.
 
 Each replica runs the service's own FastAPI app (service/app.py create_app), built inside the
 replica from the same Settings, so every endpoint, answer, error, the request id, the API key,
@@ -23,31 +25,33 @@ single process's. What this module adds:
   503 + Retry-After when its images overflow;
 - placement: num_gpus per replica where the cluster has GPUs (the replica sees only its own GPU
   as cuda:0), else num_cpus, with torch threads set to those CPUs.
+
+Serve's proxy, not the service's uvicorn (service/server.py), accepts the connections: the
+header timeout, header size limit and accept-time connection limit of service/http.py do not
+apply, and the application says so when it is built; docs/proxy.md has the proxy settings
+that cover them.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import math
-import signal
-import sys
-import threading
+from collections.abc import Iterator
 from typing import Any
 
 import ray
 from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.config import Settings
+from service.config import RETRY_AFTER_S, Settings
+from service.logs import configure_logging
 
 log = logging.getLogger("service.ray")
 
 APP_NAME = "vit-explain"
 DEPLOYMENT = "ViTExplain"
-RETRY_AFTER_S = 2  # as service/app.py's 503 answers
 # app_builder's arguments that shape the deployment rather than the service's Settings
 DEPLOYMENT_ARGS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
                    "max_queued_requests", "num_cpus", "num_gpus")
@@ -91,21 +95,6 @@ def _started_when_settled(inner):  # noqa: ANN001, ANN202 - a lifespan context f
     return lifespan
 
 
-def _configure_logging(settings: Settings) -> None:
-    """The service's log lines with their request ids, on the replica's stderr (Ray's replica log
-    files); the root logger stays Serve's."""
-    from service.api.middleware import JsonFormatter, RequestIdFilter
-
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if settings.log_json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    logger = logging.getLogger("service")
-    logger.handlers[:] = [handler]
-    logger.setLevel(settings.log_level.upper())
-    logger.propagate = False
-
-
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress()  # late-bound: the app is built in each replica by __serve_build_asgi_app__
 class ViTExplain:
@@ -118,7 +107,9 @@ class ViTExplain:
     def __serve_build_asgi_app__(self) -> ASGIApp:
         from service.app import create_app
 
-        _configure_logging(self.settings)
+        # the service's log lines with their request ids on the replica's stderr (Ray's replica
+        # log files); the root logger stays Serve's
+        configure_logging(self.settings.log_level, self.settings.log_json, logger="service")
         app = create_app(self.settings)
         app.router.lifespan_context = _started_when_settled(app.router.lifespan_context)
         app.add_middleware(ReplicaHeader, replica=self.replica)
@@ -153,6 +144,9 @@ def build(
     if settings.workers != 1:
         raise ValueError("workers does not apply on Ray Serve, where each replica is one server process: "
                          "set replicas instead (and num_gpus below 1 to share a GPU between them)")
+    log.warning("on Ray Serve, Serve's proxy accepts the connections: the service's header timeout, header size "
+                "limit and connection limit (service/http.py) do not apply; set them in a proxy in front "
+                "(docs/proxy.md)")
     if num_gpus in (None, "auto"):
         num_gpus = 1.0 if _cluster_gpus() >= 1 else 0.0
     num_gpus = float(num_gpus)
@@ -201,54 +195,6 @@ def app_builder(args: dict[str, Any]):
     return build(args, **shape)
 
 
-# -- the command --------------------------------------------------------------------------------
-def _own_parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False: --max-queue must reach the service's flags, not abbreviate --max-queued-requests
-    p = argparse.ArgumentParser(
-        prog="python -m service ray", allow_abbrev=False, add_help=False,
-        description="Serve the HTTP API on Ray Serve: the flags below, and every flag of `python -m service serve` "
-        "(--model, --max-batch-size, --api-key, ...; --host/--port are the Serve proxy's).")
-    p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
-    p.add_argument("--address", help="Ray cluster to join (ray://HOST:10001 or HOST:6379, or env RAY_ADDRESS); "
-                   "default: start a local cluster")
-    p.add_argument("--name", default=APP_NAME, help=f"Serve application name (default {APP_NAME})")
-    p.add_argument("--replicas", type=int, help="replicas (default 1); with autoscaling, the initial number")
-    p.add_argument("--min-replicas", type=int, help="autoscale: fewest replicas")
-    p.add_argument("--max-replicas", type=int, help="autoscale: most replicas")
-    p.add_argument("--target-ongoing-requests", type=float,
-                   help="autoscale: requests per replica to aim for (default --max-batch-size)")
-    p.add_argument("--max-ongoing-requests", type=int, help="requests one replica takes at once (default 2 x --max-batch-size)")
-    p.add_argument("--max-queued-requests", type=int,
-                   help="requests waiting in each proxy before Serve answers 503 + Retry-After (default --max-queue)")
-    p.add_argument("--replica-cpus", type=float, help="CPUs per replica (default 1; on CPU also its torch threads)")
-    p.add_argument("--replica-gpus", type=float, help="GPUs per replica (default 1 where the cluster has GPUs, else 0)")
-    return p
-
-
-def _serve_subparser() -> argparse.ArgumentParser:
-    from service.__main__ import _parser
-
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["serve"]
-
-
-def parse(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any], argparse.Namespace]:
-    """argv -> (Settings overrides, build()'s deployment keywords, the Ray flags)."""
-    own, rest = _own_parser().parse_known_args(argv)
-    if own.help:
-        print(_own_parser().format_help())
-        print("flags of python -m service serve, which apply too:\n")
-        print(_serve_subparser().format_help().split("\n\n", 1)[-1])
-        raise SystemExit(0)
-    served = _serve_subparser().parse_args(rest)
-    overrides = {k: v for k, v in vars(served).items() if v is not None}
-    shape = dict(replicas=own.replicas, min_replicas=own.min_replicas, max_replicas=own.max_replicas,
-                 target_ongoing_requests=own.target_ongoing_requests, max_ongoing_requests=own.max_ongoing_requests,
-                 max_queued_requests=own.max_queued_requests, num_cpus=own.replica_cpus,
-                 num_gpus="auto" if own.replica_gpus is None else own.replica_gpus)
-    return overrides, shape, own
-
-
 def deploy(overrides: dict[str, Any], shape: dict[str, Any], name: str = APP_NAME, route_prefix: str = "/") -> str:
     """On the connected cluster: start Serve's proxy at --host/--port (when Serve is not running
     yet), run the application at /, and wait until its replicas are ready. Returns the URL."""
@@ -258,40 +204,23 @@ def deploy(overrides: dict[str, Any], shape: dict[str, Any], name: str = APP_NAM
     return f"http://{settings.host}:{settings.port}{route_prefix.rstrip('/')}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    argv = sys.argv[1:] if argv is None else argv
-    overrides, shape, own = parse(argv)
+@contextlib.contextmanager
+def on_cluster(address: str | None, name: str = APP_NAME) -> Iterator[None]:
+    """Ray connected for the block: to the cluster at `address`, else to a local one started here.
+    At the end, on a cluster joined, only the application `name` goes (the cluster and its Serve
+    stay); a local cluster is shut down."""
+    ray.init(address=address)
     try:
-        Settings(**overrides)
-    except ValidationError as e:
-        print(f"error: invalid settings:\n{e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    ray.init(address=own.address)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        try:
-            url = deploy(overrides, shape, own.name)
-        except (ValueError, ValidationError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        status = serve.status().applications[own.name].deployments[DEPLOYMENT]
-        log.info("serving %s at %s: %s; Ctrl-C or SIGTERM stops it", own.name, url, dict(status.replica_states))
-        stop.wait()
-        log.info("stopping: replicas finish what they accepted")
+        yield
     finally:
         with contextlib.suppress(Exception):
-            if own.address:
-                serve.delete(own.name)  # the cluster and its Serve stay; only this application goes
+            if address:
+                serve.delete(name)
             else:
                 serve.shutdown()
         ray.shutdown()
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def replica_states(name: str = APP_NAME) -> dict[str, int]:
+    """The application's replicas by state (RUNNING, STARTING, ...)."""
+    return dict(serve.status().applications[name].deployments[DEPLOYMENT].replica_states)

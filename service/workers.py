@@ -2,7 +2,7 @@
 
 The parent supervises and serves nothing. It checks that the port is free, reserves it with a
 bound socket that never listens, and starts N processes (multiprocessing's spawn: no torch or
-thread state is forked). Each builds its app with the same Settings (service.__main__.serve):
+thread state is forked). Each builds its app with the same Settings (service/server.py serve):
 its own model pool, queue, budgets and connection limit, with the CPU cores split between the
 processes (service/runtime.py worker_cores). Only then does it open its own listening socket on
 the port with SO_REUSEPORT, and the kernel spreads new connections over the listening sockets
@@ -40,13 +40,13 @@ import time
 from dataclasses import dataclass
 
 from service.config import Settings
+from service.server import BACKLOG
 
 log = logging.getLogger("service.workers")
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 STOP_MARGIN_S = 30.0
-BACKLOG = 2048  # as service/__main__.py connection_limits
 _PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 
 
@@ -101,7 +101,7 @@ def _die_with_parent(parent: int) -> None:
 def _child(settings: Settings, index: int, listening, parent: int) -> None:
     os.setpgrp()
     _die_with_parent(parent)
-    from service.__main__ import serve
+    from service.server import serve
 
     def listen() -> socket.socket:
         sock = listening_socket(settings.host, settings.port)
@@ -203,7 +203,7 @@ def _forget(pid: int) -> None:
 
 def supervise(settings: Settings) -> int:
     """`python -m service serve --workers N` (N > 1): run until SIGTERM or SIGINT; the exit code."""
-    from service.api.middleware import configure_logging
+    from service.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
     if not sys.platform.startswith("linux"):  # elsewhere SO_REUSEPORT does not spread connections

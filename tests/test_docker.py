@@ -127,11 +127,13 @@ def test_image_contract(dockerfile: Path) -> None:
 
 def test_entrypoint_parses_with_appended_models() -> None:
     """The entrypoint's flags plus what `docker run IMAGE ...` appends give valid settings."""
-    from service.__main__ import _parser
     from service.config import Settings
+    from service.flags import settings_overrides
+    from service.cli.serve import parser
 
-    args = _parser().parse_args(ENTRYPOINT[3:] + ["--model", "deit=local-dir:/models/deit", "--device", "auto"])
-    settings = Settings(**{k: v for k, v in vars(args).items() if k != "command" and v is not None})
+    assert ENTRYPOINT[3] == "serve"
+    args = parser().parse_args(ENTRYPOINT[4:] + ["--model", "deit=local-dir:/models/deit", "--device", "auto"])
+    settings = Settings(**settings_overrides(args))
     assert (settings.host, settings.port, settings.models, settings.device) == (
         "0.0.0.0", 8000, ["deit=local-dir:/models/deit"], "auto")
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service import budget, imaging
-from service.api import limits
+from service.api import bodies, echoes
 from service.api.middleware import esc
 from service.batching import Batcher, QueueFull
 from tests.conftest import png_bytes, smooth_image
@@ -479,17 +479,17 @@ def test_the_queue_refuses_before_decoding():
 def test_prescan_is_linear_and_allows_ordinary_bodies():
     big = json.dumps({"image": "A" * 15_000_000, "format": "json", "model": 'a"b\\c'}).encode()
     started = time.perf_counter()
-    limits.prescan_json(big, max_tokens=100)
+    bodies.prescan_json(big, max_tokens=100)
     assert time.perf_counter() - started < 0.5
-    fields, images = limits.parse_json_body(json.dumps({"image": [B64, B64], "discard_ratio": 0.5}).encode(), 4)
+    fields, images = bodies.parse_json_body(json.dumps({"image": [B64, B64], "discard_ratio": 0.5}).encode(), 4)
     assert fields == {"discard_ratio": 0.5} and images == [PNG, PNG]
 
 
 def test_excerpts_are_short_and_always_encodable():
     for value in (float("nan"), float("inf"), "\ud800" * 5, "x" * 10_000, 10**5000, b"\x00" * 50, {"a": 1}, object()):
-        out = limits.excerpt(value)
+        out = echoes.excerpt(value)
         json.dumps(out, allow_nan=False).encode("utf-8")
-        assert len(json.dumps(out)) <= 3 * limits.EXCERPT_CHARS
+        assert len(json.dumps(out)) <= 3 * echoes.EXCERPT_CHARS
 
 
 def test_log_escape():

@@ -82,9 +82,9 @@ def test_a_blank_api_key_refuses_to_start(key, monkeypatch, capsys):
     monkeypatch.setenv("VIT_API_KEY", key)  # as an unset shell variable renders it
     with pytest.raises(ValidationError, match="empty or blank"):
         Settings()
-    from service.__main__ import main
+    from service.cli.serve import main
 
-    assert main(["serve", "--api-key", key]) == 2
+    assert main(["--api-key", key]) == 2
     assert "empty or blank" in capsys.readouterr().err
     with pytest.raises(ValueError, match="empty or blank"):  # and the middleware itself refuses one
         RequestMiddleware(None, metrics=Metrics(), max_body=1, api_key=key)
@@ -376,7 +376,7 @@ def test_hostile_labels_in_json_answers_and_the_label_list(client):
 
 
 def test_header_safe_encodes_what_a_header_cannot_carry():
-    from service.api.limits import header_safe
+    from service.api.echoes import header_safe
 
     for text in (LABEL, "\x00\x7f\x85\u2028", "50% off", "\ud800 lone", "plain label, (ok)"):
         safe = header_safe(text)

@@ -31,6 +31,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed: pip install '.[ra
 from ray import serve  # noqa: E402
 
 from service import ray_serve  # noqa: E402
+from service.cli import ray as ray_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "deit_tiny_patch16_224"
@@ -45,12 +46,13 @@ def _post(client: httpx.Client, path: str, img: Image.Image, **fields) -> httpx.
 
 # -- without a cluster -----------------------------------------------------------------------------
 def test_plain_service_does_not_import_ray():
-    code = "import sys, service.app, service.__main__; sys.exit(1 if 'ray' in sys.modules else 0)"
+    code = ("import sys, service.app, service.__main__, service.cli.serve, service.server; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 
 def test_command_flags_reach_settings_and_deployment():
-    overrides, shape, own = ray_serve.parse(
+    overrides, shape, own = ray_cli.parse(
         ["--model", "a=local-dir:/x", "--replicas", "2", "--max-queue", "64", "--min-replicas", "1", "--max-replicas", "4",
          "--port", "9100", "--replica-cpus", "0.5", "--address", "10.0.0.1:6379", "--max-queued-requests", "20"])
     assert overrides == {"models": ["a=local-dir:/x"], "max_queue": "64", "port": "9100"}
@@ -63,7 +65,29 @@ def test_command_flags_reach_settings_and_deployment():
     assert config.max_queued_requests == 20 and config.max_ongoing_requests == 32  # 2 x max_batch_size
     assert config.backpressure_config.status_code == 503 and config.backpressure_config.retry_after_s == 2
     with pytest.raises(SystemExit):
-        ray_serve.parse(["--no-such-flag"])
+        ray_cli.parse(["--no-such-flag"])
+
+
+def test_every_setting_is_a_flag_of_the_ray_command(capsys):
+    """The same settings flags as `python -m service serve` (service/flags.py), and in its help."""
+    from service.config import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--model" if name == "models" else "--" + name.replace("_", "-")
+        argv = [f"--no-{flag[2:]}"] if field.annotation is bool else [flag, "7"]
+        overrides, _, _ = ray_cli.parse(argv)
+        assert overrides == {name: False if field.annotation is bool else ["7"] if name == "models" else "7"}, name
+    with pytest.raises(SystemExit) as e:
+        ray_cli.parse(["--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--replica-gpus" in shown and "--max-batch-size" in shown and "--api-key" in shown
+
+
+def test_building_the_application_names_what_is_unguarded_on_ray(caplog):
+    with caplog.at_level("WARNING", logger="service.ray"):
+        ray_serve.build({"models": ["a=local-dir:/x"]})
+    assert any("header timeout" in r.getMessage() and "docs/proxy.md" in r.getMessage() for r in caplog.records)
 
 
 def _check_serve_config(config: dict) -> None:
@@ -121,7 +145,7 @@ def test_workers_is_refused_on_ray():
 
 def test_fractional_gpus_per_replica():
     argv = ["--model", "a=local-dir:/x", "--replica-gpus", "0.25", "--replica-cpus", "1"]
-    overrides, shape, _ = ray_serve.parse(argv)
+    overrides, shape, _ = ray_cli.parse(argv)
     built = ray_serve.build(overrides, **shape)._bound_deployment
     assert built.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert "device" not in built.init_args[0]  # the replica uses the GPU it shares (auto), not the CPU
@@ -139,7 +163,7 @@ def cluster(model_dirs):
     port = free_port()
     argv = ["--model", f"deit=local-dir:{model_dirs[ARCH]}", "--replicas", "2", "--replica-cpus", "0.5",
             "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--max-delay-ms", "10"]
-    overrides, shape, _ = ray_serve.parse(argv)
+    overrides, shape, _ = ray_cli.parse(argv)
     try:
         url = ray_serve.deploy(overrides, shape)
         yield url
@@ -341,7 +365,7 @@ def test_serve_answers_503_with_retry_after_past_its_queue(cluster, model_dirs):
     argv = ["--model", f"deit=local-dir:{model_dirs[ARCH]}", "--replicas", "1", "--replica-cpus", "0.5",
             "--max-ongoing-requests", "1", "--max-queued-requests", "1", "--api-key", KEY,
             "--host", "127.0.0.1", "--port", cluster.rsplit(":", 1)[1]]
-    overrides, shape, _ = ray_serve.parse(argv)
+    overrides, shape, _ = ray_cli.parse(argv)
     url = ray_serve.deploy(overrides, shape, name="edge", route_prefix="/edge")
     img = smooth_image(303)
     try:

@@ -7,7 +7,7 @@ import platform
 import pytest
 
 from service import runtime
-from service.__main__ import _parser
+from service.cli.serve import parser
 from service.config import Settings
 
 
@@ -18,8 +18,8 @@ def test_allocator_tuning_is_accepted_by_glibc():
 
 def test_allocator_tuning_is_on_by_default_and_has_an_off_switch():
     assert Settings().tune_allocator is True
-    off = _parser().parse_args(["serve", "--no-tune-allocator"])
-    on = _parser().parse_args(["serve", "--log-json"])
+    off = parser().parse_args(["--no-tune-allocator"])
+    on = parser().parse_args(["--log-json"])
     assert off.tune_allocator is False
     assert on.tune_allocator is None and on.log_json is True  # None: the setting's default applies
 

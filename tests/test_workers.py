@@ -96,9 +96,9 @@ def test_workers_setting_is_bounded():
     for bad in (0, -1, 65):
         with pytest.raises(ValidationError):
             Settings(workers=bad)
-    from service.__main__ import main
+    from service.cli.serve import main
 
-    assert main(["serve", "--workers", "0"]) == 2
+    assert main(["--workers", "0"]) == 2
 
 
 def test_cores_are_shared_between_workers():

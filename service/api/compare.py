@@ -27,7 +27,7 @@ from schemas import requests as rq
 from schemas import responses as rs
 from service.api.deps import Ctx, get_ctx
 from service.api.explain import _decode_all, _schema, _unless_gone
-from service.api.limits import prescan_json
+from service.api.bodies import prescan_json
 from service.api.parsing import admit_images, read_request
 from service.methods import REGISTRY, ModelShape
 from service.methods import compare as cmp

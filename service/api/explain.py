@@ -20,9 +20,10 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from schemas import responses as rs
+from schemas.media import MEDIA_TYPES
 from service import imaging
 from service.api.deps import Ctx, get_ctx
-from service.api.limits import header_safe
+from service.api.echoes import header_safe
 from service.api.parsing import RAW_TYPES, admit_images, read_request
 from service.engine.contract import Job, Result
 from service.methods import REGISTRY, LongMethod, Method, OnePassMethod
@@ -258,7 +259,7 @@ def _body(method: Method) -> dict:
     ok: dict = {"application/json": {"schema": {"anyOf": [_schema(method.Response), _schema(rs.MultiResponse)]}}}
     for fmt in method.formats:
         if fmt != "json":
-            ok[imaging.MEDIA_TYPES[fmt]] = {"schema": {"type": "string", "format": "binary"}}
+            ok[MEDIA_TYPES[fmt]] = {"schema": {"type": "string", "format": "binary"}}
     if method.kind == "long":
         ok["text/event-stream"] = {"schema": {"type": "string"}}
     return {

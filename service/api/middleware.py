@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hmac
 import json
 import logging
@@ -41,11 +40,12 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import budget
+from service.api.admission import Admission, admission_for
+from service.config import RETRY_AFTER_S
+from service.logs import request_id
 from service.metrics import Metrics
 
 log = logging.getLogger("service.access")
-
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
@@ -107,9 +107,9 @@ class RequestMiddleware:
         token = request_id.set(rid)
         started = time.perf_counter()
         status = {"code": 500}
-        guards = _guards(scope)
+        admission = _admission(scope)
         lease = budget.Lease()
-        due = time.monotonic() + guards.request_timeout_s if guards else None
+        due = time.monotonic() + admission.request_timeout_s if admission else None
         tokens = (budget.deadline.set(due), budget.lease.set(lease))
         has_body = headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
         state = {"body_done": not has_body, "answered": False, "started": False}
@@ -133,12 +133,12 @@ class RequestMiddleware:
         task, spawned = None, False
         try:
             refusal = self._refuse(scope, headers)
-            if refusal is None and guards is not None:
-                refusal = await self._take_body_budget(guards, headers, lease)
+            if refusal is None and admission is not None:
+                refusal = await self._take_body_budget(admission, headers, lease)
             if refusal is not None:
                 await _json(send_with_id, *refusal)
                 return
-            task = asyncio.ensure_future(self._call_limited(scope, receive, send_with_id, guards, lease, state))
+            task = asyncio.ensure_future(self._call_limited(scope, receive, send_with_id, admission, lease, state))
             spawned = True
             task.add_done_callback(lambda _t: lease.end())  # budgets come back when no work is left
             if due is None:
@@ -150,7 +150,7 @@ class RequestMiddleware:
                 # check): answer now, and let the task finish on its own, its answer discarded.
                 state["answered"] = True
                 lease.stop("the request was answered 504")
-                await _json(send, 504, f"the request took longer than {guards.request_timeout_s:g} s",
+                await _json(send, 504, f"the request took longer than {admission.request_timeout_s:g} s",
                             extra=[(b"x-request-id", rid.encode()), (b"connection", b"close")])
                 status["code"] = 504
                 _orphans.add(task)
@@ -193,22 +193,22 @@ class RequestMiddleware:
                 return 413, f"the request body is {length} bytes, more than the limit of {self.max_body}"
         return None
 
-    async def _take_body_budget(self, guards, headers: dict[str, str], lease: budget.Lease):  # noqa: ANN001
+    async def _take_body_budget(self, admission: Admission, headers: dict[str, str], lease: budget.Lease):
         """A declared body takes its bytes from the shared budget before it is read (a body without
         Content-Length takes them as it streams, see _call_limited)."""
         length = int(headers.get("content-length") or 0)
         if length:
             try:
-                await lease.take(guards.body_bytes, length, guards.wait_s())
+                await lease.take(admission.body_bytes, length, admission.wait_s())
             except budget.Busy as e:
                 return 503, str(e), [(b"retry-after", str(RETRY_AFTER_S).encode())]
         return None
 
-    async def _call_limited(self, scope: Scope, receive: Receive, send: Send, guards, lease: budget.Lease,  # noqa: ANN001
-                            state: dict) -> None:
+    async def _call_limited(self, scope: Scope, receive: Receive, send: Send, admission: Admission | None,
+                            lease: budget.Lease, state: dict) -> None:
         seen = 0
         declared = "content-length" in {k.decode("latin-1").lower() for k, _ in scope["headers"]}
-        read_timeout = guards.read_timeout_s if guards is not None else None
+        read_timeout = admission.read_timeout_s if admission is not None else None
         gone = asyncio.Event()  # the client disconnected, seen by the body read or by `watch`
         watcher: asyncio.Task | None = None  # started once the app has had the body's last message
 
@@ -244,10 +244,10 @@ class RequestMiddleware:
                 seen += chunk
                 if seen > self.max_body:
                     raise BodyTooLarge()
-                if chunk and not declared and guards is not None:
-                    if not guards.body_bytes.try_take(chunk):
+                if chunk and not declared and admission is not None:
+                    if not admission.body_bytes.try_take(chunk):
                         raise budget.Busy("the service holds its limit of request body bytes at once; try again shortly")
-                    lease.hold(guards.body_bytes, chunk)
+                    lease.hold(admission.body_bytes, chunk)
                 if not message.get("more_body", False):
                     body_read()
             return message
@@ -278,7 +278,6 @@ class _Answered(Exception):
     """The middleware answered (504) before the app did: the app's late answer is dropped."""
 
 
-RETRY_AFTER_S = 2
 _GRACE_S = 0.25  # the app's own 504 comes first when it can; this one when its work cannot stop
 
 
@@ -297,13 +296,11 @@ async def _refuse_scope(scope: Scope, receive: Receive, send: Send) -> None:
     log.warning("refused a %s scope at %s", esc(scope["type"], 32), esc(scope.get("path", "-")))
 
 
-def _guards(scope: Scope):  # noqa: ANN202
+def _admission(scope: Scope) -> Admission | None:
     app = scope.get("app")
     if app is None or getattr(app.state, "ctx", None) is None:
         return None
-    from service.api.limits import guards_for
-
-    return guards_for(app)
+    return admission_for(app)
 
 
 async def _json(send: Send, status: int, detail: str, extra: list | None = None) -> None:
@@ -312,33 +309,3 @@ async def _json(send: Send, status: int, detail: str, extra: list | None = None)
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
-
-
-class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every log record (\"-\" outside a request)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-            "message": record.getMessage(), "request_id": getattr(record, "request_id", "-"),
-        }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def configure_logging(level: str, as_json: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(
-        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())

@@ -4,7 +4,8 @@ multipart/form-data: one or more file parts named `image`, the parameters as for
 application/json: {"image": "<base64>" or ["<base64>", ...], ...parameters}.
 image/jpeg, image/png, image/webp, ...: the body is one image, the parameters are in the query string.
 Every way a body can be wrong ends here as a ClientError with the status to answer; the limits
-that bound what a body can cost are in service/api/limits.py.
+that bound what parsing a body can cost are in service/api/bodies.py, the budgets it is admitted
+under in service/api/admission.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException
 
 from service import imaging
-from service.api.limits import (MAX_FIELDS, MAX_TEXT_CHARS, BodyError, check_multipart_closed, guards_for,
-                                long_text_fields, parse_json_body, safe_text)
+from service.api.admission import admission_for
+from service.api.bodies import (MAX_FIELDS, MAX_TEXT_CHARS, BodyError, check_multipart_closed, long_text_fields,
+                                parse_json_body)
+from service.api.echoes import safe_text
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -104,7 +107,7 @@ async def admit_images(request: Request, images: list[bytes], target: imaging.Ta
     # Headers only: for small uploads (the common 224 px JPEG) this is cheaper than a thread hop
     small = sum(len(d) for d in images) <= INLINE_INSPECT_BYTES
     pixels = inspect_all() if small else await run_in_threadpool(inspect_all)
-    await guards_for(request.app).take_pixels(pixels)
+    await admission_for(request.app).take_pixels(pixels)
 
 
 async def _multipart(request: Request, max_images: int) -> tuple[dict[str, Any], list[bytes]]:

@@ -1,4 +1,4 @@
-"""Bounds on what a request body may make the service do, whoever sends it.
+"""Bounds on what parsing a request body may make the service do, whoever sends it.
 
 - JSON: a request body is a small object (an `image` member and a few parameters), so before
   `json.loads` sees it, a pre-scan in C-speed steps (bytes.find/count, one regex per string that
@@ -6,11 +6,9 @@
   parse refuses NaN/Infinity, overflowing floats and absurdly long number literals, and the
   result is refused when a string is not valid Unicode (a lone surrogate). The whole parse runs
   in a worker thread, so the event loop keeps answering (health checks included).
-- Echoes: whatever an error echoes of the input is a short excerpt that JSON can always encode.
+- Text fields: one longer than MAX_TEXT_CHARS is refused before anything splits it.
 - Multipart: a body without its closing boundary is refused (the parser would silently drop the
   last part).
-- Budgets (`Guards`): the pixels decoded or drawn at once and the request body bytes held at
-  once, across all requests (service/budget.py).
 """
 
 from __future__ import annotations
@@ -20,17 +18,13 @@ import binascii
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from service import budget
-from service.budget import Budget
+from service.api.echoes import safe_text
 
 MAX_FIELDS = 32  # members of a JSON body, or text fields of a multipart body
 MAX_DEPTH = 8  # a valid body nests 2 deep ({"image": [...]})
 MAX_NUMBER_CHARS = 64  # longest number literal; Python refuses ints over 4300 digits
-EXCERPT_CHARS = 64  # longest echo of an input value
-MAX_ERRORS = 16  # validation errors listed in one answer
 MAX_TEXT_CHARS = 4096  # longest text parameter (a model alias, a comma-separated list of ratios)
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -45,66 +39,7 @@ class BodyError(ValueError):
         self.status = status
 
 
-# -- safe echoes --------------------------------------------------------------------------------
-def safe_text(text: str, limit: int = 300) -> str:
-    """text -> at most `limit` characters that JSON and UTF-8 can always carry (lone surrogates
-    and other unencodable characters are written as escapes)."""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    if not text.isascii():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-# Printable ASCII but "%": what a header value may carry as it is (RFC 9110 field-vchar and space).
-_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
-MAX_HEADER_TEXT = 256  # characters of a text (a label, a model name) put into a header
-
-
-def header_safe(text: str, limit: int = MAX_HEADER_TEXT) -> str:
-    """Text from a model's config (a label) or the operator (a model alias) as a header value:
-    percent-encoded UTF-8 outside printable ASCII (CR, LF, NUL, non-ASCII) and for "%" itself,
-    so that no text can split, forge or break the answer's headers (urllib.parse.unquote reads
-    it back); cut to `limit` characters first."""
-    from urllib.parse import quote
-
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return quote(text.encode("utf-8", "backslashreplace"), safe=_HEADER_SAFE)
-
-
-def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> Any:
-    """An input value as a validation error may echo it: short, JSON-encodable, never NaN."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):  # str() of an int over 4300 digits raises: never convert a big one
-        return value if value.bit_length() <= 50 else f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, str):
-        return safe_text(value, limit)
-    if isinstance(value, (bytes, bytearray)):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, (dict, list, tuple)):
-        return f"<{type(value).__name__} of {len(value)}>"
-    return f"<{type(value).__name__}>"
-
-
-def safe_errors(errors: Any) -> list[dict[str, Any]]:
-    """pydantic/FastAPI validation errors -> a short list of plain, encodable dicts."""
-    out = []
-    for err in list(errors)[:MAX_ERRORS]:
-        err = err if isinstance(err, dict) else {"msg": str(err)}
-        loc = [x if isinstance(x, int) and not isinstance(x, bool) else safe_text(str(x), EXCERPT_CHARS)
-               for x in err.get("loc", ())][:MAX_DEPTH + 2]
-        item = {"type": safe_text(str(err.get("type", "value_error")), 64), "loc": loc,
-                "msg": safe_text(str(err.get("msg", "")), 200)}
-        if "input" in err:
-            item["input"] = excerpt(err["input"])
-        out.append(item)
-    return out
-
-
-# -- JSON -----------------------------------------------------------------------------------------
+# -- JSON -------------------------------------------------------------------------------------------
 def prescan_json(body: bytes, max_tokens: int, max_depth: int = MAX_DEPTH) -> None:
     """Refuse (BodyError) a JSON text with more than max_tokens strings and punctuation, or nested
     deeper than max_depth, in time linear in its length with no Python step per byte.
@@ -247,40 +182,3 @@ def check_multipart_closed(body: bytes, content_type: str) -> None:
     close = b"--" + boundary + b"--"
     if not (body.startswith(close) or (b"\r\n" + close) in body):
         raise BodyError(400, "malformed multipart body: the closing boundary is missing (the body was cut short)")
-
-
-# -- budgets shared by all requests -------------------------------------------------------------
-ADMISSION_WAIT_S = 5.0  # longest wait for a share of a budget before 503 + Retry-After
-
-
-@dataclass
-class Guards:
-    """The app's shared budgets (one set per app, made from its settings on first use)."""
-
-    pixels: Budget  # pixels of decoded images (and of what is drawn from them) held at once
-    body_bytes: Budget  # request body bytes held at once
-    request_timeout_s: float
-    read_timeout_s: float
-
-    def wait_s(self) -> float:
-        left = budget.remaining()
-        return ADMISSION_WAIT_S if left is None else max(0.0, min(ADMISSION_WAIT_S, left - 0.5))
-
-    async def take_pixels(self, n: int) -> None:
-        lease = budget.lease.get()
-        if lease is not None:  # outside the middleware (unit tests) nothing is accounted
-            await lease.take(self.pixels, n, self.wait_s())
-
-
-def guards_for(app: Any) -> Guards:
-    guards = getattr(app.state, "guards", None)
-    if guards is None:
-        s = app.state.ctx.settings
-        guards = Guards(
-            pixels=Budget(s.pixels_in_flight, "pixels"),
-            body_bytes=Budget(s.body_bytes_in_flight, "bytes of request bodies"),
-            request_timeout_s=s.request_timeout_s,
-            read_timeout_s=s.read_timeout_s,
-        )
-        app.state.guards = guards
-    return guards
