@@ -13,9 +13,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
-from service import runtime  # noqa: E402
-from bench import faithfulness, inprocess, path, report, served, toolkit  # noqa: E402
-from bench.client import ENDPOINTS  # noqa: E402
+from bench import faithfulness, inprocess, path, report, served, toolkit
+from bench.client import ENDPOINTS
+from service import runtime
 
 FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0, "faithfulness_steps": 16,
         "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}

@@ -70,7 +70,7 @@ def machine_info() -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "timm": timm.__version__,
         "python": platform.python_version(),
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_start": os.getloadavg(),
         "cpu_busy_pct_before": cpu_busy_pct(),
         "server_replicas": server_replicas,

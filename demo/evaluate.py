@@ -28,12 +28,12 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
+from demo.scenes import CLASS_NAMES, make_scene, scene_rng
 from service import imaging
 from service.config import SHAPES_VIT
-from demo.scenes import CLASS_NAMES, make_scene, scene_rng
 from service.engine.jobs import Job
-from service.methods import job as make_job
 from service.engine.runner import Engine
+from service.methods import job as make_job
 from service.models import Preprocess
 
 EVAL_SEED = 424_242  # never used for training

@@ -16,8 +16,8 @@ from PIL import Image
 
 from bench import path as path_bench
 from bench import profile
-from bench.compare import compare
 from bench.__main__ import main
+from bench.compare import compare
 
 
 def test_bench_quick_plumbing(tmp_path):

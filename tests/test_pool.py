@@ -10,7 +10,7 @@ import torch
 
 from service.methods import job
 from service.models import ModelSpec
-from service.pool import ModelPool, ModelNotReady, UnknownModel, isolate_failures, resolve_devices
+from service.pool import ModelNotReady, ModelPool, UnknownModel, isolate_failures, resolve_devices
 from tests import reference as ref
 from tests.conftest import smooth_image
 
