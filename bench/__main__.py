@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = report.machine_info()
     machine["competing_processes"] = report.competing_processes()
     if machine["competing_processes"]:
-        print("WARNING: CPU-heavy processes are running; timings will be skewed:", *machine["competing_processes"], sep="\n  ")
+        print("WARNING: CPU-heavy processes are running; timings will be skewed:", *machine["competing_processes"],
+              sep="\n  ")
     print(f"{machine['cpu_model']}, {machine['cpus_usable']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads); CPUs busy before start: {machine['cpu_busy_pct_before']:.0f}%")
 

@@ -16,7 +16,8 @@ from tests import reference as ref
 from tests.conftest import ARCHS, png_bytes, smooth_image
 from tests.server import running_server
 
-ALIASES = {"deit_tiny_patch16_224": "deit", "deit_tiny_distilled_patch16_224": "distilled", "vit_small_patch32_224": "s32"}
+ALIASES = {"deit_tiny_patch16_224": "deit", "deit_tiny_distilled_patch16_224": "distilled",
+           "vit_small_patch32_224": "s32"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,8 @@ def test_json_maps_match_reference(client, refs, alias):
     img = smooth_image(100)
     c = r.run(_ref_input(r, img))
     body = post(client, "/rollout", img, model=alias, format="json").json()
-    assert body["method"] == "rollout" and body["params"] == {"head_fusion": "max", "discard_ratio": 0.9, "start_layer": 0}
+    assert body["method"] == "rollout"
+    assert body["params"] == {"head_fusion": "max", "discard_ratio": 0.9, "start_layer": 0}
     assert body["grid"] == list(r.grid) and body["model"] == alias
     np.testing.assert_allclose(body["mask"], r.rollout(c, "max", 0.9), atol=3e-3)
     assert [p["class_id"] for p in body["predictions"]] == [i for i, _ in r.predictions(c)]
@@ -102,7 +104,8 @@ def test_concurrent_requests_with_mixed_parameters_each_get_their_own_answer(cli
         img = smooth_image(200 + i)
         if i % 3 == 0:  # i = 0, 3, 6, 9, 12, 15: every fusion, and each with two ratios
             k = i // 3
-            cases.append((img, "/rollout", dict(head_fusion=["mean", "max", "min"][k % 3], discard_ratio=[0.0, 0.5, 0.9][(k + k // 3) % 3])))
+            fields = dict(head_fusion=["mean", "max", "min"][k % 3], discard_ratio=[0.0, 0.5, 0.9][(k + k // 3) % 3])
+            cases.append((img, "/rollout", fields))
         elif i % 3 == 1:
             cases.append((img, "/grad-rollout", dict(category_id=i * 37, head_fusion="max", discard_ratio=0.0)))
         else:

@@ -117,7 +117,8 @@ def test_path_targets_say_by_how_much_and_skip_ratios_from_a_busy_machine():
     case = {"title": "224 px JPEG -> /rollout JSON", "target_ms": 1.2, "cpu_ms_per_req": 3.0}
     deit = {"clients": 16, "batch": 16,
             "rollout": {"ratio": 0.7, "others_cores": 0.0, "floor_others_cores": 0.0},
-            "grad-rollout": {"ratio": 2.4, "others_cores": 0.1, "floor_others_cores": 0.9 * path_bench._busy_cores() + 1}}
+            "grad-rollout": {"ratio": 2.4, "others_cores": 0.1,
+                             "floor_others_cores": 0.9 * path_bench._busy_cores() + 1}}
     rows = {t["name"].split(",")[0]: t for t in path_bench.targets({"cases": [case], "workers": None, "deit": deit})}
     cpu = rows["server CPU per request"]
     assert cpu["pass"] is False and path_bench.verdict(cpu["value"], 1.2, "<=") == "missed by 2.5x (+1.8 ms)"

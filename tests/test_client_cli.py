@@ -25,7 +25,8 @@ from tests.server import free_port, running_server
 
 @pytest.fixture(scope="module")
 def server(model_dirs):
-    with running_server(["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--max-delay-ms", "20"]) as s:
+    args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--max-delay-ms", "20"]
+    with running_server(args) as s:
         yield s.url
 
 

@@ -124,8 +124,10 @@ def test_oversized_uploads_get_413_with_or_without_content_length(client):
 
 
 @pytest.mark.parametrize("body, ctype, status", [
-    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc", "multipart/form-data; boundary=xyz", 400),  # unclosed
-    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz", 422),
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc",  # unclosed
+     "multipart/form-data; boundary=xyz", 400),
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n--xyz--\r\n",
+     "multipart/form-data; boundary=xyz", 422),
     (b"garbage without boundary", "multipart/form-data", 400),
     (b"{not json", "application/json", 400),
     (b"[1, 2]", "application/json", 422),
@@ -164,7 +166,8 @@ def test_several_images_in_one_request_answer_in_order(client):
     too_many = client.post("/rollout", files=[("image", ("x.png", blobs[0], "image/png"))] * (MAX_IMAGES + 1))
     assert too_many.status_code == 422 and "limit" in too_many.json()["detail"]
 
-    one_bad = client.post("/rollout", files=[("image", ("a.png", blobs[0], "image/png")), ("image", ("b", b"junk", "x/y"))])
+    one_bad = client.post("/rollout",
+                          files=[("image", ("a.png", blobs[0], "image/png")), ("image", ("b", b"junk", "x/y"))])
     assert one_bad.status_code == 422 and "image 1" in one_bad.json()["detail"]
 
 
