@@ -80,6 +80,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_curves_match_the_reference_alone(sharp, arch):
     engine, r, x = sharp[arch]
     for i, (name, params, opts) in enumerate(CASES):
@@ -117,6 +118,7 @@ def test_a_sweep_scores_every_frame(sharp):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_a_mixed_batch_answers_as_each_image_alone(sharp, arch):
     """10 images: methods with and without the option, other methods, both passes, every removal and order."""
     engine, r, x = sharp[arch]

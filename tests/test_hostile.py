@@ -301,6 +301,7 @@ def _hwm_mb(server) -> float:
     raise RuntimeError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_timeout_is_enforced_on_decode_and_encode_and_the_work_stops(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['vit_small_patch32_224']}", "--request-timeout-s", "1",
             "--max-queue", "4", "--replicas-per-device", "1"]
@@ -458,6 +459,7 @@ def test_head_answers_200_on_health_readiness_and_models(client):
         assert resp.status_code == 200 and resp.content == b"", path
 
 
+@pytest.mark.slow
 def test_max_images_over_max_queue_is_refused_at_start():
     proc = subprocess.run([sys.executable, "-m", "service", "serve", "--max-queue", "2", "--max-images", "4"],
                           capture_output=True, text=True, timeout=60)

@@ -58,6 +58,7 @@ def test_devices_and_dtypes_are_checked_up_front():
         ModelPool([ModelSpec.parse("a=x"), ModelSpec.parse("a=y")], [torch.device("cpu")])
 
 
+@pytest.mark.slow
 def test_replicas_share_one_queue_and_agree(model_dirs, models):
     spec = ModelSpec.parse(f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}")
 

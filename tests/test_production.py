@@ -268,6 +268,7 @@ def test_soak_1000_requests_memory_stays_flat(server):
 
 
 # -- separate servers for settings that change everything -------------------------------------------
+@pytest.mark.slow
 def test_api_key_guards_everything_but_health(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}"]
     with running_server(args, env={"VIT_API_KEY": "s3cret"}) as s, httpx.Client(base_url=s.url, timeout=60) as c:
@@ -283,6 +284,7 @@ def test_api_key_guards_everything_but_health(model_dirs):
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+@pytest.mark.slow
 def test_timeouts_answer_504(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--request-timeout-s", "0.001"]
     with running_server(args) as s, httpx.Client(base_url=s.url, timeout=60) as c:
@@ -290,6 +292,7 @@ def test_timeouts_answer_504(model_dirs):
         assert r.status_code == 504 and "longer than" in r.json()["detail"]
 
 
+@pytest.mark.slow
 def test_sigterm_drains_accepted_work_then_exits_0(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--max-delay-ms", "3000",
             "--max-batch-size", "64", "--replicas-per-device", "1"]  # one replica, so the six must queue

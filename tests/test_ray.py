@@ -44,6 +44,7 @@ def _post(client: httpx.Client, path: str, img: Image.Image, **fields) -> httpx.
 
 
 # -- without a cluster -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_plain_service_does_not_import_ray():
     code = "import sys, service.app, service.__main__; sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
