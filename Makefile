@@ -10,7 +10,7 @@ ARGS    ?=
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test bench train-demo eval lint clean
+.PHONY: install run test test-fast lint bench train-demo eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The unit tests alone: no server, worker, Ray, browser or docker process (markers: tests/conftest.py)
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# ruff, configured in pyproject.toml [tool.ruff]; no formatter check (the tree is not ruff-formatted)
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench

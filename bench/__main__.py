@@ -13,9 +13,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
-from service import runtime  # noqa: E402
-from bench import faithfulness, inprocess, path, report, served, toolkit  # noqa: E402
-from bench.client import ENDPOINTS  # noqa: E402
+from bench import faithfulness, inprocess, path, report, served, toolkit
+from bench.client import ENDPOINTS
+from service import runtime
 
 FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0, "faithfulness_steps": 16,
         "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = report.machine_info()
     machine["competing_processes"] = report.competing_processes()
     if machine["competing_processes"]:
-        print("WARNING: CPU-heavy processes are running; timings will be skewed:", *machine["competing_processes"], sep="\n  ")
+        print("WARNING: CPU-heavy processes are running; timings will be skewed:", *machine["competing_processes"],
+              sep="\n  ")
     print(f"{machine['cpu_model']}, {machine['cpus_usable']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads); CPUs busy before start: {machine['cpu_busy_pct_before']:.0f}%")
 

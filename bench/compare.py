@@ -23,8 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench import inprocess, served  # noqa: E402
-from bench.client import ENDPOINTS  # noqa: E402
+from bench import inprocess, served
+from bench.client import ENDPOINTS
 
 
 def compare(trees: list[Path], endpoints: list[str], clients: int, reps: int, duration: float, warmup: float,

@@ -163,7 +163,8 @@ def run_engine_bench(batches: list[int], timing: dict, log=print) -> dict:
         figs = time_cases({name: cases[name] for name in CASES}, make_images(b), **timing)
         for name in CASES:
             fig = out[name][b] = figs[name]
-            log(f"  engine  {name:<13} batch {b:>3}: {fig['img_s']:8.1f} img/s  ({fig['ms_per_batch']:.1f} ms/batch, {fig['reps']} reps)")
+            log(f"  engine  {name:<13} batch {b:>3}: {fig['img_s']:8.1f} img/s  "
+                f"({fig['ms_per_batch']:.1f} ms/batch, {fig['reps']} reps)")
     return out
 
 

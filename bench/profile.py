@@ -16,11 +16,11 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from service import runtime  # noqa: E402
-from bench import inprocess  # noqa: E402
+from bench import inprocess
+from service import runtime
 
 
 def main(argv: list[str] | None = None) -> int:

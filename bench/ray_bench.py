@@ -23,11 +23,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import timm  # noqa: E402
-import torch  # noqa: E402
+import timm
+import torch
 
-from bench.served import BATCHING, bench_png, free_port, run_client, save_model, server  # noqa: E402
-from service import runtime  # noqa: E402
+from bench.served import BATCHING, bench_png, free_port, run_client, save_model, server
+from service import runtime
 
 
 def _wait_running(serve, replicas: int, timeout: float = 300) -> None:

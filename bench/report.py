@@ -70,7 +70,7 @@ def machine_info() -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "timm": timm.__version__,
         "python": platform.python_version(),
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "loadavg_start": os.getloadavg(),
         "cpu_busy_pct_before": cpu_busy_pct(),
         "server_replicas": server_replicas,
@@ -120,16 +120,21 @@ def targets(engine: dict, served: dict | None, plain: dict | None = None) -> lis
 
     b, c = TARGET_BATCH, TARGET_CLIENTS
     ratio(f"engine rollout / bare forward (batch {b})", _img_s(engine, "rollout", b), _img_s(engine, "bare", b), 0.95)
-    ratio(f"engine grad rollout / grad floor (batch {b})", _img_s(engine, "grad_rollout", b), _img_s(engine, "grad_floor", b), 0.9)
-    ratio(f"engine grad rollout / fwd+full bwd (batch {b})", _img_s(engine, "grad_rollout", b), _img_s(engine, "fwd_full_bwd", b), 1.2)
+    ratio(f"engine grad rollout / grad floor (batch {b})", _img_s(engine, "grad_rollout", b),
+          _img_s(engine, "grad_floor", b), 0.9)
+    ratio(f"engine grad rollout / fwd+full bwd (batch {b})", _img_s(engine, "grad_rollout", b),
+          _img_s(engine, "fwd_full_bwd", b), 1.2)
 
     def req_s(endpoint: str, batching: str, clients: int) -> float | None:
         cell = _cell(served, endpoint, batching, clients)
         return cell["req_s"] if cell else None
 
-    ratio(f"served /rollout json, {c} clients / bare forward (batch {b})", req_s("rollout-json", "default", c), _img_s(engine, "bare", b), 0.8)
-    ratio(f"served /rollout png, {c} clients / bare forward (batch {b})", req_s("rollout-png", "default", c), _img_s(engine, "bare", b), 0.7)
-    ratio(f"served /grad-rollout json, {c} clients / grad floor (batch {b})", req_s("grad-rollout-json", "default", c), _img_s(engine, "grad_floor", b), 0.8)
+    ratio(f"served /rollout json, {c} clients / bare forward (batch {b})", req_s("rollout-json", "default", c),
+          _img_s(engine, "bare", b), 0.8)
+    ratio(f"served /rollout png, {c} clients / bare forward (batch {b})", req_s("rollout-png", "default", c),
+          _img_s(engine, "bare", b), 0.7)
+    ratio(f"served /grad-rollout json, {c} clients / grad floor (batch {b})", req_s("grad-rollout-json", "default", c),
+          _img_s(engine, "grad_floor", b), 0.8)
     plain_img_s = {case: fig["img_s"] for case, fig in (plain or {}).items()}
     ratio(f"issue's check: served /rollout json, {c} clients / bare forward in a plain process (batch {b})",
           req_s("rollout-json", "default", c), plain_img_s.get("bare"), 0.70)
@@ -171,7 +176,8 @@ def render(results: dict) -> str:
                      f"{fig['img_s']:.1f} img/s")
     if served:
         lines += ["", "## Served over HTTP (separate client process; req/s, latency ms)", "",
-                  "| endpoint | batching | clients | req/s | p50 | p95 | ok | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| endpoint | batching | clients | req/s | p50 | p95 | ok | errors |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for c in served["cells"]:
             lines.append(f"| {c['endpoint']} | {c['batching']} | {c['clients']} | {_fmt(c['req_s'], 1)} | "
                          f"{_fmt(c['p50_ms'], 1)} | {_fmt(c['p95_ms'], 1)} | {c['requests']} | {c['errors']} |")

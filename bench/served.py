@@ -142,6 +142,7 @@ def run_served_bench(
                     fig["batching"] = batching
                     cells.append(fig)
                     log(f"  served  {endpoint:<17} {batching:<7} {c:>3} clients: {fig['req_s']:7.1f} req/s"
-                        f"  p50 {_ms(fig['p50_ms'])} ms  p95 {_ms(fig['p95_ms'])} ms  ({fig['requests']} ok, {fig['errors']} errors)")
+                        f"  p50 {_ms(fig['p50_ms'])} ms  p95 {_ms(fig['p95_ms'])} ms"
+                        f"  ({fig['requests']} ok, {fig['errors']} errors)")
             rss[batching] = peak_rss_mb(proc.pid)
     return {"cells": cells, "peak_rss_mb": rss, "image_bytes": image_path.stat().st_size}

@@ -52,7 +52,8 @@ def _maximize_forever(url: str, stop: threading.Event, steps: list[int], seed: i
         while not stop.is_set():
             body = {"target": "class", "category_id": seed, "steps": 1000, "seed": seed}
             try:
-                with client.stream("POST", "/activation-max", json=body, headers={"Accept": "text/event-stream"}) as resp:
+                headers = {"Accept": "text/event-stream"}
+                with client.stream("POST", "/activation-max", json=body, headers=headers) as resp:
                     for line in resp.iter_lines():
                         if line.startswith("event: progress"):
                             steps[0] += 1
@@ -69,7 +70,8 @@ def busy_latency(workdir: Path, sessions: int, duration: float, warmup: float, l
     with served.server(spec, [], workdir / "server-c.log") as (port, _proc):
         idle = served.run_client(port, "rollout-json", image, 1, duration, warmup)
         stop, counts = threading.Event(), [[0] for _ in range(sessions)]
-        threads = [threading.Thread(target=_maximize_forever, args=(f"http://127.0.0.1:{port}", stop, counts[i], i), daemon=True)
+        url = f"http://127.0.0.1:{port}"
+        threads = [threading.Thread(target=_maximize_forever, args=(url, stop, counts[i], i), daemon=True)
                    for i in range(sessions)]
         for t in threads:
             t.start()
@@ -101,6 +103,7 @@ def render(toolkit: dict) -> list[str]:
         lines += ["", "## `/rollout` at one client while activation maximizations run (served)", "",
                   "| | p50 ms | p95 ms | req/s |", "|---|---:|---:|---:|",
                   f"| idle | {i['p50_ms']:.1f} | {i['p95_ms']:.1f} | {i['req_s']:.1f} |",
-                  f"| {busy['sessions']} maximizations running | {b['p50_ms']:.1f} | {b['p95_ms']:.1f} | {b['req_s']:.1f} |",
+                  f"| {busy['sessions']} maximizations running | {b['p50_ms']:.1f} | {b['p95_ms']:.1f} "
+                  f"| {b['req_s']:.1f} |",
                   "", f"ascent steps per second meanwhile: {busy['ascent_steps_per_s']:.1f}"]
     return lines

@@ -28,6 +28,7 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
+from demo.scenes import CLASS_NAMES, make_scene, scene_rng
 from service import imaging
 from service.config import SHAPES_VIT
 from demo.scenes import CLASS_NAMES, make_scene, scene_rng
@@ -130,7 +131,8 @@ def settings() -> list[tuple[str, Job | None]]:
             out.append((f"rollout {f} r={r}", make_job("rollout", head_fusion=f, discard_ratio=r)))
     for f in FUSIONS:
         for r in RATIOS:
-            out.append((f"grad-rollout {f} r={r}", make_job("grad-rollout", category_id=0, head_fusion=f, discard_ratio=r)))
+            out.append((f"grad-rollout {f} r={r}",
+                        make_job("grad-rollout", category_id=0, head_fusion=f, discard_ratio=r)))
     out.append(("last-layer attention (mean of heads)", make_job("attention", head="mean")))
     out.append(("random map", None))
     return out

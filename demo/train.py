@@ -223,7 +223,8 @@ def train_phase(
         if (step + 1) % 50 == 0 or step + 1 == steps:
             n = (step % 50) + 1
             print(
-                f"  {size}px step {step + 1}/{steps}  lr {lr:.1e}  loss {loss_sum / n:.3f}  patch loss {aux_sum / n:.3f}  "
+                f"  {size}px step {step + 1}/{steps}  lr {lr:.1e}  loss {loss_sum / n:.3f}  "
+                f"patch loss {aux_sum / n:.3f}  "
                 f"train acc (1-object) {correct / max(seen, 1):.3f}  {time.time() - start:.0f}s",
                 flush=True,
             )
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-high", type=int, default=400, help="steps at 224x224")
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate at 112x112 (a third at 224)")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch auxiliary loss")
-    parser.add_argument("--pool-cache", type=Path, default=None, help="load the rendered pool from / save it to this file")
+    parser.add_argument("--pool-cache", type=Path, default=None,
+                        help="load the rendered pool from / save it to this file")
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="vit", help="patch embedding")
     parser.add_argument("--batch-high", type=int, default=BATCH, help="batch size at 224x224")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a busy shared 2-core box)")

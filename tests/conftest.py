@@ -21,6 +21,24 @@ from timm.models import save_for_hf
 # The three architectures the issue names: a class token; class + distillation token; a 7x7 grid.
 ARCHS = ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch32_224"]
 
+# Fixtures that start a process, by name in every test module: a test that uses one, directly or
+# through another fixture, gets these markers (registered in pyproject.toml). `make test-fast` runs
+# -m "not slow". A test that starts a process in its own body carries @pytest.mark.slow itself.
+PROCESS_FIXTURES = {
+    "server": ("slow",),  # python -m service serve (tests/server.py), one per module
+    "servers": ("slow",),  # two of them (tests/test_device_decode.py)
+    "browser": ("slow", "browser"),  # Chromium through Playwright (tests/test_explorer.py)
+    "cluster": ("slow", "ray"),  # a local Ray cluster and Serve (tests/test_ray.py)
+    "single": ("slow", "ray"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = {m for f in getattr(item, "fixturenames", ()) for m in PROCESS_FIXTURES.get(f, ())}
+        for name in sorted(names):
+            item.add_marker(name)
+
 
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -247,3 +247,38 @@ def faithfulness(ref: Reference, x: torch.Tensor, m: np.ndarray, class_id: int, 
         store.clear()
     deletion, insertion = probs[: steps + 1], probs[steps + 1 :]
     return ReferenceCurves(deletion, insertion, trapezoid(deletion), trapezoid(insertion))
+
+
+# -- pictures: the heatmap and the per-layer montage, from the definition --------------------------
+def jet(m: np.ndarray) -> np.ndarray:
+    """(...) values in [0, 1] -> (..., 3) float64 RGB in [0, 1]: the cmap library's 256-entry jet table
+    at entry floor(255 m)."""
+    from cmap import Colormap
+
+    table = Colormap("jet").lut(256)[:, :3].astype(np.float64)
+    return table[np.floor(np.clip(m, 0.0, 1.0) * 255.0).astype(np.int64)]
+
+
+def heatmap(img: Image.Image, mask: np.ndarray) -> np.ndarray:
+    """The overlay of a (gh, gw) mask on img -> (H, W, 3) float64 in [0, 255]: the mask upsampled to
+    the image's size bilinearly (half-pixel centres), clipped to [0, 1], coloured in jet, plus the
+    image / 255; the sum divided by its maximum over the whole picture, x 255."""
+    w, h = img.size
+    m = torch.from_numpy(np.asarray(mask, np.float64))[None, None]
+    up = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    cam = jet(up) + np.asarray(img.convert("RGB"), np.float64) / 255.0
+    return cam / cam.max() * 255.0
+
+
+def montage(tile_img: Image.Image, maps: np.ndarray, gap: int = 4) -> np.ndarray:
+    """The per-layer picture: one heatmap of tile_img (the upload shrunk to fit a tile) per map (L, gh, gw),
+    row-major in a grid of ceil(sqrt(L)) columns and as many rows as needed, `gap` white pixels between
+    tiles -> (rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap, 3) float64; unused cells white."""
+    tw, th = tile_img.size
+    cols = math.ceil(math.sqrt(len(maps)))
+    rows = math.ceil(len(maps) / cols)
+    sheet = np.full((rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap, 3), 255.0)
+    for i, m in enumerate(maps):
+        r, c = divmod(i, cols)
+        sheet[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = heatmap(tile_img, m)
+    return sheet

@@ -45,7 +45,8 @@ def running_server(args: list[str], ready_timeout: float = 180, env: dict | None
     port = free_port()
     fd, log_path = tempfile.mkstemp(prefix="vit-server-", suffix=".log")
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     os.close(fd)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + ready_timeout

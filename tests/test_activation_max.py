@@ -58,7 +58,8 @@ def test_the_objective_rises_and_pixels_stay_valid(setups):
     # No jitter here: a random-weight model is far from shift-invariant, so its objective at a
     # shifted image is noise; jitter is covered by the seed test.
     rising, jittered = ascend(engine, [job("activation-max", target="class", category_id=3, steps=12),
-                                       job("activation-max", target="k", layer=4, channel=2, steps=12, jitter=6, tv_weight=1.0)])
+                                       job("activation-max", target="k", layer=4, channel=2, steps=12, jitter=6,
+                                           tv_weight=1.0)])
     assert len(rising.objective) == 12
     assert rising.objective[-1] > rising.objective[0] + 1.0, rising.objective
     assert all(b >= a - 0.05 for a, b in zip(rising.objective, rising.objective[1:])), rising.objective

@@ -16,7 +16,8 @@ from tests import reference as ref
 from tests.conftest import ARCHS, png_bytes, smooth_image
 from tests.server import running_server
 
-ALIASES = {"deit_tiny_patch16_224": "deit", "deit_tiny_distilled_patch16_224": "distilled", "vit_small_patch32_224": "s32"}
+ALIASES = {"deit_tiny_patch16_224": "deit", "deit_tiny_distilled_patch16_224": "distilled",
+           "vit_small_patch32_224": "s32"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,8 @@ def test_json_maps_match_reference(client, refs, alias):
     img = smooth_image(100)
     c = r.run(_ref_input(r, img))
     body = post(client, "/rollout", img, model=alias, format="json").json()
-    assert body["method"] == "rollout" and body["params"] == {"head_fusion": "max", "discard_ratio": 0.9, "start_layer": 0}
+    assert body["method"] == "rollout"
+    assert body["params"] == {"head_fusion": "max", "discard_ratio": 0.9, "start_layer": 0}
     assert body["grid"] == list(r.grid) and body["model"] == alias
     np.testing.assert_allclose(body["mask"], r.rollout(c, "max", 0.9), atol=3e-3)
     assert [p["class_id"] for p in body["predictions"]] == [i for i, _ in r.predictions(c)]
@@ -102,7 +104,8 @@ def test_concurrent_requests_with_mixed_parameters_each_get_their_own_answer(cli
         img = smooth_image(200 + i)
         if i % 3 == 0:  # i = 0, 3, 6, 9, 12, 15: every fusion, and each with two ratios
             k = i // 3
-            cases.append((img, "/rollout", dict(head_fusion=["mean", "max", "min"][k % 3], discard_ratio=[0.0, 0.5, 0.9][(k + k // 3) % 3])))
+            fields = dict(head_fusion=["mean", "max", "min"][k % 3], discard_ratio=[0.0, 0.5, 0.9][(k + k // 3) % 3])
+            cases.append((img, "/rollout", fields))
         elif i % 3 == 1:
             cases.append((img, "/grad-rollout", dict(category_id=i * 37, head_fusion="max", discard_ratio=0.0)))
         else:
@@ -145,10 +148,28 @@ def test_png_answers_have_the_uploads_size(client, path, fields, mode):
     assert int(resp.headers["x-predicted-class"]) >= 0 and resp.headers["x-predicted-label"]
 
 
-def test_attention_png_is_a_montage_of_every_layer(client):
-    resp = post(client, "/attention", smooth_image(8), model="deit")
+def test_attention_png_is_a_montage_of_every_layer(client, refs):
+    """Tile l (row-major, 4 x 3 for 12 blocks, 4 white pixels between) is the heatmap of block l's
+    class-token attention (head 1, divided by its max) over the 224 x 224 upload."""
+    img = smooth_image(8)
+    resp = post(client, "/attention", img, model="deit", head=1)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
     out = Image.open(io.BytesIO(resp.content))
-    assert resp.status_code == 200 and out.size == (4 * 224 + 3 * 4, 3 * 224 + 2 * 4)  # 12 layers, 4 x 3
+    assert out.size == (4 * 224 + 3 * 4, 3 * 224 + 2 * 4) and out.mode == "RGB"
+    got = np.asarray(out, np.float64)
+    r = refs["deit"]
+    want = ref.montage(img, r.attention(r.run(_ref_input(r, img)), 1))
+    assert got.shape == want.shape
+    tiles = [np.s_[r * 228 : r * 228 + 224, c * 228 : c * 228 + 224] for r, c in (divmod(i, 4) for i in range(12))]
+    for layer, tile in enumerate(tiles):
+        diff = np.abs(got[tile] - want[tile])
+        # truncation to uint8 (below one level) and, where a value lies on a step of the jet table
+        # (float32 against float64), one step of it: at most 4 levels, plus the truncation
+        assert diff.mean() < 0.6 and np.percentile(diff, 99.9) <= 1.01 and diff.max() <= 5, (layer, diff.mean())
+    gaps = np.ones(got.shape[:2], bool)
+    for tile in tiles:
+        gaps[tile] = False
+    assert (got[gaps] == 255).all()
 
 
 def test_predict(client, refs):

@@ -16,10 +16,11 @@ from PIL import Image
 
 from bench import path as path_bench
 from bench import profile
-from bench.compare import compare
 from bench.__main__ import main
+from bench.compare import compare
 
 
+@pytest.mark.slow
 def test_bench_quick_plumbing(tmp_path):
     out = tmp_path / "bench"
     assert main(["--quick", "--batches", "1", "--clients", "1,2", "--endpoints", "rollout-json",
@@ -51,6 +52,7 @@ def test_profile_prints_the_busiest_ops_of_each_case(capsys):
     assert "aten::bmm" in out  # rollout writes the attention out instead of the fused kernel
 
 
+@pytest.mark.slow
 def test_compare_alternates_two_servers_from_their_own_trees(tmp_path):
     here = Path(__file__).resolve().parents[1]
     lines: list[str] = []
@@ -69,6 +71,7 @@ _SHORT = {**path_bench.QUICK, "warmup": 0.3, "duration": 1.0, "clients": 2}
     pytest.param("wrk", "auto", ["rollout-json"],
                  marks=pytest.mark.skipif(not shutil.which("wrk"), reason="wrk is not installed")),
 ])
+@pytest.mark.slow
 def test_path_part_measures_server_cpu_per_request(tmp_path, loader, body, keys):
     out = path_bench.run_path_bench(tmp_path, _SHORT, body, keys, loader=loader)
     assert out["loader"] == loader and out["body"] in (("json",) if body == "json" else ("raw", "multipart"))
@@ -117,7 +120,8 @@ def test_path_targets_say_by_how_much_and_skip_ratios_from_a_busy_machine():
     case = {"title": "224 px JPEG -> /rollout JSON", "target_ms": 1.2, "cpu_ms_per_req": 3.0}
     deit = {"clients": 16, "batch": 16,
             "rollout": {"ratio": 0.7, "others_cores": 0.0, "floor_others_cores": 0.0},
-            "grad-rollout": {"ratio": 2.4, "others_cores": 0.1, "floor_others_cores": 0.9 * path_bench._busy_cores() + 1}}
+            "grad-rollout": {"ratio": 2.4, "others_cores": 0.1,
+                             "floor_others_cores": 0.9 * path_bench._busy_cores() + 1}}
     rows = {t["name"].split(",")[0]: t for t in path_bench.targets({"cases": [case], "workers": None, "deit": deit})}
     cpu = rows["server CPU per request"]
     assert cpu["pass"] is False and path_bench.verdict(cpu["value"], 1.2, "<=") == "missed by 2.5x (+1.8 ms)"

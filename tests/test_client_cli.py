@@ -25,7 +25,8 @@ from tests.server import free_port, running_server
 
 @pytest.fixture(scope="module")
 def server(model_dirs):
-    with running_server(["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--max-delay-ms", "20"]) as s:
+    args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--max-delay-ms", "20"]
+    with running_server(args) as s:
         yield s.url
 
 
@@ -316,10 +317,10 @@ def test_one_deadline_bounds_a_dripping_server(drip, tmp_path):
     head = _head(200, "image/png", len(PNG))
     behave = _drip(head) if drip == "headers" else _drip(b"", PNG, every_s=0.05)
     if drip == "stall":  # nothing at all, for longer than the deadline
-        def behave(sock, n):  # noqa: F811
+        def behave(sock, n):
             time.sleep(30)
     if drip == "body":
-        def behave(sock, n, _b=behave):  # noqa: F811 - headers at once, then the body a byte at a time
+        def behave(sock, n, _b=behave):  # headers at once, then the body a byte at a time
             sock.sendall(head)
             _b(sock, n)
     with fake_server(behave) as (url, _):

@@ -15,6 +15,7 @@ from service.engine.engine import Engine
 
 
 @pytest.mark.parametrize("backbone", sorted(train.BACKBONES))
+@pytest.mark.slow
 def test_training_writes_a_local_dir_model_the_service_can_serve(tmp_path: Path, backbone: str) -> None:
     out = tmp_path / backbone
     train.main(

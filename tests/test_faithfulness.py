@@ -80,6 +80,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_curves_match_the_reference_alone(sharp, arch):
     engine, r, x = sharp[arch]
     for i, (name, params, opts) in enumerate(CASES):
@@ -96,7 +97,8 @@ def test_curves_match_the_reference_alone(sharp, arch):
 
 def test_more_steps_than_patches_on_a_small_non_square_grid():
     """A 48 x 80 input of 3 x 5 patches (15 < 20 steps): steps repeat counts; the blur is wider than the image."""
-    m = sharpen(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(48, 80), num_classes=10).eval(), 20)
+    m = sharpen(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(48, 80), num_classes=10).eval(),
+                20)
     engine, r = Engine(copy.deepcopy(m), torch.device("cpu")), ref.Reference(m)
     x = torch.randn(2, 3, 48, 80, generator=torch.Generator().manual_seed(3))
     res = engine.run(x, [job("rollout", faithfulness=True, faithfulness_steps=20),
@@ -116,6 +118,7 @@ def test_a_sweep_scores_every_frame(sharp):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_a_mixed_batch_answers_as_each_image_alone(sharp, arch):
     """10 images: methods with and without the option, other methods, both passes, every removal and order."""
     engine, r, x = sharp[arch]

@@ -41,6 +41,7 @@ def test_start_layer_of_rollout_and_grad_rollout_matches_reference(setups, arch)
     assert np.abs(got[0].maps - r.rollout(c, "mean", 0.0, 0)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_gae_mixed_with_every_other_method_in_one_batch(setups, models):
     """16 images, mixed methods in both passes: each answer equals its reference."""
     engine, r, _ = setups["deit_tiny_patch16_224"]

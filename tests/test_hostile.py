@@ -78,7 +78,8 @@ def flat_png(w: int, h: int, mode: str = "L", value: int = 0) -> bytes:
 
 def ico_holding(inner: bytes, declared: int = 16) -> bytes:
     """An ICO whose directory declares declared x declared and whose one entry is `inner`."""
-    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(inner), 22) + inner
+    entry = struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(inner), 22)
+    return struct.pack("<HHH", 0, 1, 1) + entry + inner
 
 
 def gif_with_frame_outside(screen: int = 16, frame: tuple[int, int] = (8000, 8000)) -> bytes:
@@ -157,14 +158,16 @@ def test_hostile_json_gets_a_quick_4xx(client, name):
 
 
 def test_validation_errors_echo_a_short_safe_excerpt(client):
-    resp, _ = post_json(client, json.dumps({"image": B64, "head_fusion": "x" * 50_000, "discard_ratio": [1] * 10}).encode())
+    body = json.dumps({"image": B64, "head_fusion": "x" * 50_000, "discard_ratio": [1] * 10}).encode()
+    resp, _ = post_json(client, body)
     assert resp.status_code == 422
     errors = resp.json()["detail"]
     assert {e["loc"][-1] for e in errors} == {"head_fusion", "discard_ratio"}
     assert all(len(json.dumps(e)) < 400 for e in errors)
     # the same through multipart: a form field value that is huge and not even valid UTF-8
     body = (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + PNG +
-            b'\r\n--xyz\r\nContent-Disposition: form-data; name="head_fusion"\r\n\r\n' + b"\xff\xed\xa0\x80" + b"y" * 20_000 +
+            b'\r\n--xyz\r\nContent-Disposition: form-data; name="head_fusion"\r\n\r\n' +
+            b"\xff\xed\xa0\x80" + b"y" * 20_000 +
             b'\r\n--xyz\r\nContent-Disposition: form-data; name="\xed\xb3\xbf"\r\n\r\n1\r\n--xyz--\r\n')
     resp = client.post("/rollout", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert resp.status_code in (400, 422) and len(resp.content) < 2048, resp.text[:300]
@@ -192,8 +195,9 @@ def test_health_answers_while_huge_json_bodies_are_parsed(server, client):
 # hypothesis: JSON documents of every shape, as bodies and as parameter values
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
                      st.text(max_size=20))
-_json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                            max_leaves=12)
+_json_values = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
 _param_names = st.sampled_from(["model", "format", "head_fusion", "discard_ratio", "category_id", "head", "layer",
                                 "channel", "which", "image", "extra", ""])
 
@@ -297,6 +301,7 @@ def _hwm_mb(server) -> float:
     raise RuntimeError("no VmHWM")
 
 
+@pytest.mark.slow
 def test_timeout_is_enforced_on_decode_and_encode_and_the_work_stops(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['vit_small_patch32_224']}", "--request-timeout-s", "1",
             "--max-queue", "4", "--replicas-per-device", "1"]
@@ -335,9 +340,11 @@ def _recv_all(sock: socket.socket, timeout: float) -> bytes:
 
 @pytest.mark.parametrize("name, request_bytes", [
     ("content-length-longer-than-body",
-     b"POST /rollout HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"image\": "),
+     b"POST /rollout HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+     b"{\"image\": "),
     ("chunked-without-last-chunk",
-     b"POST /rollout HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ima\r\n"),
+     b"POST /rollout HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\n{\"ima\r\n"),
     ("headers-never-finished", b"POST /rollout HTTP/1.1\r\nHost: x\r\nContent-Type: appl"),
     ("nothing-at-all", b""),
 ])
@@ -452,6 +459,7 @@ def test_head_answers_200_on_health_readiness_and_models(client):
         assert resp.status_code == 200 and resp.content == b"", path
 
 
+@pytest.mark.slow
 def test_max_images_over_max_queue_is_refused_at_start():
     proc = subprocess.run([sys.executable, "-m", "service", "serve", "--max-queue", "2", "--max-images", "4"],
                           capture_output=True, text=True, timeout=60)

@@ -57,7 +57,8 @@ def hostile_model(model_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(hostile_model):
     args = ["--model", f"evil=local-dir:{hostile_model}", "--api-key", KEY, "--cors-origins", ORIGIN,
-            "--read-timeout-s", str(READ_TIMEOUT_S), "--keep-alive-s", "1", "--request-timeout-s", str(REQUEST_TIMEOUT_S),
+            "--read-timeout-s", str(READ_TIMEOUT_S), "--keep-alive-s", "1",
+            "--request-timeout-s", str(REQUEST_TIMEOUT_S),
             "--max-pixels", "12000000", "--max-pixels-in-flight", PIXELS_IN_FLIGHT, "--replicas-per-device", "1",
             "--max-delay-ms", "2"]
     with running_server(args) as s:
@@ -113,7 +114,8 @@ def test_a_cors_preflight_is_answered_without_the_key_and_the_keyed_request_goes
     assert resp.headers["access-control-allow-origin"] == ORIGIN
     assert "x-api-key" in resp.headers["access-control-allow-headers"].lower()
     assert "POST" in resp.headers["access-control-allow-methods"]
-    resp = httpx.post(server.url + "/rollout", headers={"Origin": ORIGIN, **AUTH}, files=_files(), data={"format": "json"})
+    resp = httpx.post(server.url + "/rollout", headers={"Origin": ORIGIN, **AUTH}, files=_files(),
+                      data={"format": "json"})
     assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == ORIGIN
     # an origin that is not allowed gets no CORS grant; the key is still needed for everything else
     other = httpx.options(server.url + "/rollout", headers={**preflight, "Origin": "http://evil.example"})
@@ -274,6 +276,7 @@ def test_a_client_that_leaves_a_gif_sweep_frees_the_cpu_and_budgets_within_a_sec
         assert resp.status_code == 200, resp.text
 
 
+@pytest.mark.slow
 def test_after_a_504_of_a_gif_sweep_the_cpu_and_budgets_are_free_within_a_second(model_dirs, big):
     """The timeout falls while the frames are drawn (11 ratios), or while they are quantized and
     encoded (2 ratios: or the answer comes in time); either way nothing runs a second after it."""

@@ -124,6 +124,7 @@ def test_rollout_matches_reference(setups, arch, fusion):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_grad_rollout_matches_reference(setups, arch):
     engine, r, x = setups[arch]
     cats = [7, 123, 999]
@@ -169,6 +170,7 @@ def _same(a, b, atol=1e-5):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_batch_never_changes_an_items_answer(setups, models, arch):
     engine, _, _ = setups[arch]
     x = torch.stack([ref.preprocess(smooth_image(10 + i), models[arch]) for i in range(len(MIXED))])
@@ -178,6 +180,7 @@ def test_batch_never_changes_an_items_answer(setups, models, arch):
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 64])
+@pytest.mark.slow
 def test_the_chunk_size_of_taken_attention_never_changes_an_answer(setups, models, monkeypatch, chunk):
     """On the CPU the plain pass takes attention one image at a time; an accelerator takes the whole
     batch. Chunks of several images, runs of equal jobs across and within them, must give the same."""

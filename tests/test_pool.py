@@ -10,7 +10,7 @@ import torch
 
 from service.methods import job
 from service.models import ModelSpec
-from service.pool import ModelPool, ModelNotReady, UnknownModel, isolate_failures, resolve_devices
+from service.pool import ModelNotReady, ModelPool, UnknownModel, isolate_failures, resolve_devices
 from tests import reference as ref
 from tests.conftest import smooth_image
 
@@ -58,6 +58,7 @@ def test_devices_and_dtypes_are_checked_up_front():
         ModelPool([ModelSpec.parse("a=x"), ModelSpec.parse("a=y")], [torch.device("cpu")])
 
 
+@pytest.mark.slow
 def test_replicas_share_one_queue_and_agree(model_dirs, models):
     spec = ModelSpec.parse(f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}")
 

@@ -124,8 +124,10 @@ def test_oversized_uploads_get_413_with_or_without_content_length(client):
 
 
 @pytest.mark.parametrize("body, ctype, status", [
-    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc", "multipart/form-data; boundary=xyz", 400),  # unclosed
-    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz", 422),
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc",  # unclosed
+     "multipart/form-data; boundary=xyz", 400),
+    (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc\r\n--xyz--\r\n",
+     "multipart/form-data; boundary=xyz", 422),
     (b"garbage without boundary", "multipart/form-data", 400),
     (b"{not json", "application/json", 400),
     (b"[1, 2]", "application/json", 422),
@@ -164,7 +166,8 @@ def test_several_images_in_one_request_answer_in_order(client):
     too_many = client.post("/rollout", files=[("image", ("x.png", blobs[0], "image/png"))] * (MAX_IMAGES + 1))
     assert too_many.status_code == 422 and "limit" in too_many.json()["detail"]
 
-    one_bad = client.post("/rollout", files=[("image", ("a.png", blobs[0], "image/png")), ("image", ("b", b"junk", "x/y"))])
+    one_bad = client.post("/rollout",
+                          files=[("image", ("a.png", blobs[0], "image/png")), ("image", ("b", b"junk", "x/y"))])
     assert one_bad.status_code == 422 and "image 1" in one_bad.json()["detail"]
 
 
@@ -267,6 +270,7 @@ def test_soak_1000_requests_memory_stays_flat(server):
 
 
 # -- separate servers for settings that change everything -------------------------------------------
+@pytest.mark.slow
 def test_api_key_guards_everything_but_health(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}"]
     with running_server(args, env={"VIT_API_KEY": "s3cret"}) as s, httpx.Client(base_url=s.url, timeout=60) as c:
@@ -282,6 +286,7 @@ def test_api_key_guards_everything_but_health(model_dirs):
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+@pytest.mark.slow
 def test_timeouts_answer_504(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--request-timeout-s", "0.001"]
     with running_server(args) as s, httpx.Client(base_url=s.url, timeout=60) as c:
@@ -289,6 +294,7 @@ def test_timeouts_answer_504(model_dirs):
         assert r.status_code == 504 and "longer than" in r.json()["detail"]
 
 
+@pytest.mark.slow
 def test_sigterm_drains_accepted_work_then_exits_0(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}", "--max-delay-ms", "3000",
             "--max-batch-size", "64", "--replicas-per-device", "1"]  # one replica, so the six must queue

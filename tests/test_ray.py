@@ -45,6 +45,7 @@ def _post(client: httpx.Client, path: str, img: Image.Image, **fields) -> httpx.
 
 
 # -- without a cluster -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_plain_service_does_not_import_ray():
     code = ("import sys, service.app, service.__main__, service.cli.serve, service.server; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
@@ -53,7 +54,8 @@ def test_plain_service_does_not_import_ray():
 
 def test_command_flags_reach_settings_and_deployment():
     overrides, shape, own = ray_cli.parse(
-        ["--model", "a=local-dir:/x", "--replicas", "2", "--max-queue", "64", "--min-replicas", "1", "--max-replicas", "4",
+        ["--model", "a=local-dir:/x", "--replicas", "2", "--max-queue", "64", "--min-replicas", "1",
+         "--max-replicas", "4",
          "--port", "9100", "--replica-cpus", "0.5", "--address", "10.0.0.1:6379", "--max-queued-requests", "20"])
     assert overrides == {"models": ["a=local-dir:/x"], "max_queue": "64", "port": "9100"}
     assert own.address == "10.0.0.1:6379"

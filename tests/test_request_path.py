@@ -118,7 +118,8 @@ def overlay_reference(canvas: Image.Image, mask: np.ndarray) -> np.ndarray:
     return cam / cam.max() * 255
 
 
-@pytest.mark.parametrize("max_side, size", [(None, (1024, 683)), (0, (1920, 1280)), (300, (300, 200)), (5000, (1920, 1280))])
+@pytest.mark.parametrize("max_side, size", [(None, (1024, 683)), (0, (1920, 1280)), (300, (300, 200)),
+                                            (5000, (1920, 1280))])
 def test_picture_answers_are_drawn_at_max_side(client, max_side, size):
     data = jpeg_bytes(photo((1920, 1280), seed=11))
     params = {} if max_side is None else {"max_side": max_side}

@@ -109,6 +109,7 @@ def test_cores_are_shared_between_workers():
     assert runtime.cpu_layout(runtime.worker_cores(2, 2), None, None) == (1, 1)
 
 
+@pytest.mark.slow
 def test_port_in_use_is_refused_before_any_worker_starts(tiny_dir):
     # SO_REUSEPORT, as another instance of the service would hold it: the workers could bind beside it
     # and share its connections without a word, so the port must be found taken before they start
@@ -123,6 +124,7 @@ def test_port_in_use_is_refused_before_any_worker_starts(tiny_dir):
     assert "worker 0 started" not in r.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_that_fails_at_start_up_stops_the_parent_with_its_code(tiny_dir):
     r = subprocess.run([sys.executable, "-m", "service", "serve", "--model", f"tiny=local-dir:{tiny_dir}",
                         "--workers", "2", "--port", str(free_port()), "--device", "cuda:63"],
@@ -230,6 +232,7 @@ def read_answer(sock: socket.socket) -> bytes:
         answer += chunk
 
 
+@pytest.mark.slow
 def test_sigterm_drains_every_worker_then_exits_0(tiny_dir):
     args = ["--model", f"tiny=local-dir:{tiny_dir}", "--workers", "2", "--read-timeout-s", "60"]
     with running_server(args) as s:
