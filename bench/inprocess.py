@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from bench.naive import NaiveRollout
-from service.methods import job
 from service.engine.engine import Engine
+from service.methods import job
 
 ARCH = "deit_tiny_patch16_224"
 SEED = 0

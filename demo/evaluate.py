@@ -31,10 +31,9 @@ from PIL import Image, ImageDraw
 from demo.scenes import CLASS_NAMES, make_scene, scene_rng
 from service import imaging
 from service.config import SHAPES_VIT
-from demo.scenes import CLASS_NAMES, make_scene, scene_rng
 from service.engine.contract import Job
-from service.methods import job as make_job
 from service.engine.engine import Engine
+from service.methods import job as make_job
 from service.models import Preprocess
 
 EVAL_SEED = 424_242  # never used for training

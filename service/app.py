@@ -16,9 +16,9 @@ from starlette.requests import ClientDisconnect
 
 from service import imaging, runtime
 from service.api import compare, explain, explorer, meta
-from service.api.deps import Ctx, InvalidParams
-from service.api.explain import ClientGone
+from service.api.deps import AppContext, InvalidParams
 from service.api.echoes import safe_errors, safe_text
+from service.api.explain import ClientGone
 from service.api.middleware import RequestMiddleware
 from service.api.parsing import ClientError
 from service.batching import QueueFull, ShuttingDown
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # with --workers, another process may answer the scrape: the depth must not wait for one here
         metrics.queue_depth.labels(model=name).set(pool.models[name].batcher.depth)
 
-    ctx = Ctx(settings=settings, pool=pool, metrics=metrics)
+    ctx = AppContext(settings=settings, pool=pool, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

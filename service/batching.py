@@ -217,7 +217,7 @@ class Batcher(Generic[T, R]):
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             n = min(self.max_batch_size, len(lane))

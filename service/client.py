@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import httpcore
 import httpx
@@ -46,8 +46,8 @@ from PIL import Image
 
 from schemas.media import MEDIA_TYPES
 
-ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
-Images = Union[ImageLike, Sequence[ImageLike]]
+ImageLike = str | Path | bytes | Image.Image | np.ndarray
+Images = ImageLike | Sequence[ImageLike]
 Progress = Callable[[int, float], Any]  # (step, objective)
 
 
@@ -75,7 +75,7 @@ class Explanation:
     faithfulness: dict[str, Any] | list[dict[str, Any]] | None = None
 
     @classmethod
-    def of(cls, raw: dict[str, Any]) -> "Explanation":
+    def of(cls, raw: dict[str, Any]) -> Explanation:
         arrays = {k: np.asarray(raw[k], np.float32) for k in ("mask", "masks", "layers", "map") if k in raw}
         return cls(raw=raw, predictions=raw.get("predictions", []), faithfulness=raw.get("faithfulness"), **arrays)
 
@@ -92,7 +92,7 @@ class Comparison:
     predictions: list[dict[str, Any]]
 
     @classmethod
-    def of(cls, raw: dict[str, Any]) -> "Comparison":
+    def of(cls, raw: dict[str, Any]) -> Comparison:
         return cls(raw=raw, results=raw["results"], masks=np.asarray([r["mask"] for r in raw["results"]], np.float32),
                    ranking=raw["ranking"], predictions=raw.get("predictions", []))
 
@@ -107,7 +107,7 @@ class Maximized:
     raw: dict[str, Any]
 
     @classmethod
-    def of(cls, raw: dict[str, Any]) -> "Maximized":
+    def of(cls, raw: dict[str, Any]) -> Maximized:
         objective = raw["objective"]
         if not isinstance(objective, list):
             raise ValueError("no objective")
@@ -279,7 +279,7 @@ class _Methods:
 
     # -- parsing, shared ------------------------------------------------------------------------
     @staticmethod
-    def _parse(call: _Call, resp: httpx.Response, body: "_Body"):
+    def _parse(call: _Call, resp: httpx.Response, body: _Body):
         """The answer, once its status, content type and body are what the call asked for."""
         _check_status(resp, body)
         media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -312,7 +312,7 @@ class AnswerError(ServiceError):
     within the call's deadline (504)."""
 
 
-def _check_status(resp: httpx.Response, body: "_Body") -> None:
+def _check_status(resp: httpx.Response, body: _Body) -> None:
     code = resp.status_code
     if 200 <= code < 300:
         return
@@ -344,7 +344,7 @@ class _Body:
             self.file, self.part = os.fdopen(fd, "wb"), Path(name)
 
     @classmethod
-    def of(cls, resp: httpx.Response, limit: int, to: Path | None) -> "_Body":
+    def of(cls, resp: httpx.Response, limit: int, to: Path | None) -> _Body:
         """The body of this response: a success up to `limit` (refused at once when its declared
         length is more), into `to` when given; an error's first MAX_ERROR_BYTES, for its detail."""
         if not 200 <= resp.status_code < 300:
@@ -658,7 +658,7 @@ class Client(_Methods):
         self._retry = _Retry(retries, backoff, max_retry_after)
         self.deadline, self.max_answer_bytes = deadline, max_answer_bytes
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -754,7 +754,7 @@ class AsyncClient(_Methods):
         self._retry = _Retry(retries, backoff, max_retry_after)
         self.deadline, self.max_answer_bytes = deadline, max_answer_bytes
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

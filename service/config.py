@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if not self.models:
             raise ValueError("at least one --model is needed")
         if "max_images" not in self.model_fields_set:

@@ -43,7 +43,7 @@ class ModelSpec:
         return not self.spec.startswith("local-dir:")
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         alias, sep, spec = text.partition("=")
         if not sep:
             alias, spec = "", text
@@ -71,7 +71,7 @@ class Preprocess:
     interpolation: str = "bicubic"
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "Preprocess":
+    def from_model(cls, model: nn.Module) -> Preprocess:
         cfg = timm.data.resolve_model_data_config(model)
         _, h, w = cfg["input_size"]
         return cls(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"])

@@ -88,7 +88,7 @@ def _started_when_settled(inner):  # noqa: ANN001, ANN202 - a lifespan context f
     async def lifespan(app):  # noqa: ANN001, ANN202
         async with inner(app) as state:
             pool = app.state.ctx.pool
-            while not pool.settled:
+            while not pool.settled:  # noqa: ASYNC110 - loading runs in threads, which set no event
                 await asyncio.sleep(0.05)
             yield state
 

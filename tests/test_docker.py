@@ -127,9 +127,9 @@ def test_image_contract(dockerfile: Path) -> None:
 
 def test_entrypoint_parses_with_appended_models() -> None:
     """The entrypoint's flags plus what `docker run IMAGE ...` appends give valid settings."""
+    from service.cli.serve import parser
     from service.config import Settings
     from service.flags import settings_overrides
-    from service.cli.serve import parser
 
     assert ENTRYPOINT[3] == "serve"
     args = parser().parse_args(ENTRYPOINT[4:] + ["--model", "deit=local-dir:/models/deit", "--device", "auto"])

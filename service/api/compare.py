@@ -17,7 +17,7 @@ import asyncio
 import json
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas import requests as rq
 from schemas import responses as rs
-from service.api.deps import Ctx, get_ctx
-from service.api.explain import _decode_all, _schema, _unless_gone
 from service.api.bodies import prescan_json
+from service.api.deps import ContextDep
+from service.api.explain import _decode_all, _schema, _unless_gone
 from service.api.parsing import admit_images, read_request
 from service.methods import REGISTRY, ModelShape
 from service.methods import compare as cmp
@@ -102,7 +102,7 @@ def settings_of(body: CompareRequest, shape: ModelShape) -> list[tuple[str, Any]
     }}, "responses": {"200": {"description": "every setting's map and faithfulness, and the ranking",
                               "content": {"application/json": {"schema": _schema(CompareResponse)}}}}},
 )
-async def compare(request: Request, ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
+async def compare(request: Request, ctx: ContextDep) -> JSONResponse:
     body, blobs = await read_request(request, CompareRequest, max_images=1)
     served = ctx.pool.get(body.model)
     shape = served.shape

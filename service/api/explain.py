@@ -14,7 +14,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import ORJSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas import responses as rs
 from schemas.media import MEDIA_TYPES
 from service import imaging
-from service.api.deps import Ctx, get_ctx
+from service.api.deps import AppContext, ContextDep
 from service.api.echoes import header_safe
 from service.api.parsing import RAW_TYPES, admit_images, read_request
 from service.engine.contract import Job, Result
@@ -37,7 +37,7 @@ class ClientGone(Exception):
 
 
 # -- stages -----------------------------------------------------------------------------------
-def _decode_all(ctx: Ctx, target: imaging.Target, blobs: list[bytes]) -> list[imaging.Decoded]:
+def _decode_all(ctx: AppContext, target: imaging.Target, blobs: list[bytes]) -> list[imaging.Decoded]:
     """Bytes -> each upload at the model's input size (uint8) and its canvas; errors name the image."""
     out = []
     for i, data in enumerate(blobs):
@@ -51,7 +51,7 @@ def _decode_all(ctx: Ctx, target: imaging.Target, blobs: list[bytes]) -> list[im
 
 
 async def _until_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
+    while not await request.is_disconnected():  # noqa: ASYNC110 - Starlette offers no disconnect event to wait on
         await asyncio.sleep(0.2)
 
 
@@ -68,7 +68,7 @@ async def _unless_gone(request: Request, work: asyncio.Future) -> Any:
         watcher.cancel()
 
 
-async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, blobs: list[bytes],
+async def _compute(ctx: AppContext, request: Request, served: ServedModel, job: Job, blobs: list[bytes],
                    target: imaging.Target):
     with served.batcher.arriving(len(blobs)):  # a free worker waits for these rather than start without them
         decoded = await run_in_threadpool(_decode_all, ctx, target, blobs)
@@ -82,14 +82,14 @@ async def _compute(ctx: Ctx, request: Request, served: ServedModel, job: Job, bl
     return [d.canvas for d in decoded], results
 
 
-def _accepted(method: Method, ctx: Ctx, params: BaseModel) -> ServedModel:
+def _accepted(method: Method, ctx: AppContext, params: BaseModel) -> ServedModel:
     """The model the request names, once the parameters are checked against it (404, 503, 422)."""
     served = ctx.pool.get(params.model)
     method.check(params, served.shape)
     return served
 
 
-async def explain(request: Request, ctx: Ctx, method: OnePassMethod) -> Response:
+async def explain(request: Request, ctx: AppContext, method: OnePassMethod) -> Response:
     params, blobs = await read_request(request, method.Params, method.images_per_request(ctx.settings.max_images),
                                        image_required=method.image == "required")
     served = _accepted(method, ctx, params)
@@ -139,7 +139,7 @@ def _faithfulness_headers(result: Result) -> dict[str, str]:
 
 
 # -- long work --------------------------------------------------------------------------------
-async def long_work(request: Request, ctx: Ctx, method: LongMethod) -> Response:
+async def long_work(request: Request, ctx: AppContext, method: LongMethod) -> Response:
     """`method.steps(params)` background steps, batched with the other sessions of the model.
 
     With `Accept: text/event-stream` the answer streams `progress` events ({"step", "total", "objective"})
@@ -159,7 +159,7 @@ async def long_work(request: Request, ctx: Ctx, method: LongMethod) -> Response:
     return response
 
 
-async def _long_work(request: Request, ctx: Ctx, method: LongMethod, params, blobs, served: ServedModel,
+async def _long_work(request: Request, ctx: AppContext, method: LongMethod, params, blobs, served: ServedModel,
                      close) -> Response:
     shape = served.shape
     start = None
@@ -199,7 +199,7 @@ async def _long_work(request: Request, ctx: Ctx, method: LongMethod, params, blo
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
 
-async def _events(ctx: Ctx, method: LongMethod, params, state, steps: AsyncIterator[tuple[int, int, float]], shape,
+async def _events(ctx: AppContext, method: LongMethod, params, state, steps: AsyncIterator[tuple[int, int, float]], shape,
                   close):
     """Server-sent events of long work. A client that leaves cancels this generator, and with
     it the step it waits for (Starlette cancels the response when the client disconnects)."""
@@ -275,7 +275,7 @@ HANDLERS = {"one-pass": explain, "long": long_work}  # by the method's declared 
 def _route(method: Method) -> None:
     handler = HANDLERS[method.kind]
 
-    async def endpoint(request: Request, ctx: Ctx = Depends(get_ctx)) -> Response:
+    async def endpoint(request: Request, ctx: ContextDep) -> Response:
         return await handler(request, ctx, method)
 
     endpoint.__name__ = method.name.replace("-", "_")
@@ -291,5 +291,5 @@ for _method in REGISTRY.values():
 
 @router.get("/methods", response_model=list[rs.MethodInfo], tags=["service"],
             summary="Every explanation method: its endpoint, parameters with defaults and ranges, formats")
-async def list_methods(ctx: Ctx = Depends(get_ctx)) -> list[rs.MethodInfo]:
+async def list_methods(ctx: ContextDep) -> list[rs.MethodInfo]:
     return [m.info(ctx.settings.max_images) for m in REGISTRY.values()]

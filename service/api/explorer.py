@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from schemas import responses as rs
-from service.api.deps import Ctx, get_ctx
+from service.api.deps import ContextDep
 
 STATIC = Path(__file__).resolve().parent.parent / "static" / "explorer"
 PREFIX = "/explorer/"  # the page's own files; open without the API key
@@ -65,6 +65,6 @@ class Labels(BaseModel):
 @router.get("/models/{name}/labels", response_model=Labels, tags=["service"],
             summary="The class labels of a model, by class id (for a class picker)",
             responses={code: {"model": rs.Error} for code in (401, 404, 503)})
-async def labels(name: str, ctx: Ctx = Depends(get_ctx)) -> Labels:
+async def labels(name: str, ctx: ContextDep) -> Labels:
     served = ctx.pool.get(name)
     return Labels(model=served.name, labels=list(served.labels))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from schemas import responses as rs
-from service.api.deps import Ctx, get_ctx
+from service.api.deps import ContextDep
 
 router = APIRouter(tags=["service"])
 
@@ -26,7 +26,7 @@ def get_and_head(path: str, **kwargs):
 
 
 @get_and_head("/models", response_model=list[rs.ModelInfo], summary="Configured models and their status")
-async def list_models(ctx: Ctx = Depends(get_ctx)) -> list[rs.ModelInfo]:
+async def list_models(ctx: ContextDep) -> list[rs.ModelInfo]:
     default = ctx.pool.default
     out = []
     for m in ctx.pool.models.values():
@@ -46,7 +46,7 @@ async def healthz() -> dict[str, str | int]:
 
 
 @get_and_head("/readyz", summary="Readiness: every model has settled (loaded and warmed, or failed) and one is ready")
-async def readyz(ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
+async def readyz(ctx: ContextDep) -> JSONResponse:
     states = {m.name: m.status for m in ctx.pool.models.values()}
     ready = not ctx.draining and ctx.pool.settled and any(s == "ready" for s in states.values())
     status = "draining" if ctx.draining else "ready" if ready else "not ready"
@@ -54,7 +54,7 @@ async def readyz(ctx: Ctx = Depends(get_ctx)) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(ctx: Ctx = Depends(get_ctx)) -> Response:
+async def metrics(ctx: ContextDep) -> Response:
     for m in ctx.pool.models.values():
         ctx.metrics.queue_depth.labels(model=m.name).set(m.batcher.depth if m.batcher else 0)
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

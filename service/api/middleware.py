@@ -265,7 +265,7 @@ class RequestMiddleware:
         except budget.Busy as e:
             if not state["started"]:
                 await _json(send, 503, str(e), extra=[(b"retry-after", str(RETRY_AFTER_S).encode())])
-        except Exception:  # noqa: BLE001 - a bug: log it here, answer without a stack trace
+        except Exception:  # a bug: log it here, answer without a stack trace
             logging.getLogger("service").exception("unhandled error in %s %s", esc(scope["method"], 16), esc(scope["path"]))
             if not state["started"]:
                 await _json(send, 500, "internal error; the request id is in X-Request-ID")

@@ -15,14 +15,20 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from service import imaging
 from service.api.admission import admission_for
-from service.api.bodies import (MAX_FIELDS, MAX_TEXT_CHARS, BodyError, check_multipart_closed, long_text_fields,
-                                parse_json_body)
+from service.api.bodies import (
+    MAX_FIELDS,
+    MAX_TEXT_CHARS,
+    BodyError,
+    check_multipart_closed,
+    long_text_fields,
+    parse_json_body,
+)
 from service.api.echoes import safe_text
 
 P = TypeVar("P", bound=BaseModel)

@@ -41,7 +41,6 @@ from timm.layers import Attention
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-
 # Images per chunk of taken attention on the CPU (see the module docstring).
 CPU_CHUNK = 1
 

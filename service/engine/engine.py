@@ -185,7 +185,7 @@ class Engine:
             logits = self.model(x)
             cats = torch.tensor([n.grad_class for n in needs], device=logits.device)
             target = logits.gather(1, cats[:, None]).sum()  # images are independent: sum of own logits
-            attn = [store.attn[l] for l in layers]
+            attn = [store.attn[b] for b in layers]
             grads = torch.autograd.grad(target, attn)  # per block dy/dA (B, H, N, N)
         with torch.no_grad():
             attn = [a.detach().float() for a in attn]

@@ -22,7 +22,6 @@ import torch
 
 from schemas.requests import Fusion  # the one declaration of the head fusions
 
-
 _FUSE = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}
 
 

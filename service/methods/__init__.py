@@ -16,14 +16,14 @@ from service.methods.registry import REGISTRY
 from service.methods.table import markdown_table
 
 # isort: off  (the order of registration is the order of GET /methods and of the README table)
-from service.methods import rollout  # noqa: F401, E402
-from service.methods import grad_rollout  # noqa: F401, E402
-from service.methods import gae  # noqa: F401, E402
-from service.methods import attention  # noqa: F401, E402
-from service.methods import qk  # noqa: F401, E402
-from service.methods import sweep  # noqa: F401, E402
-from service.methods import activation_max  # noqa: F401, E402
-from service.methods import predict  # noqa: F401, E402
+from service.methods import rollout  # noqa: F401
+from service.methods import grad_rollout  # noqa: F401
+from service.methods import gae  # noqa: F401
+from service.methods import attention  # noqa: F401
+from service.methods import qk  # noqa: F401
+from service.methods import sweep  # noqa: F401
+from service.methods import activation_max  # noqa: F401
+from service.methods import predict  # noqa: F401
 # isort: on
 
 

@@ -3,7 +3,7 @@ each map divided by its max. The post's per-layer view of where the class token 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from service.methods.registry import register
 
 
 class AttentionParams(rq.Params):
-    head: Union[Annotated[int, Field(ge=0)], rq.Fusion] = Field(
+    head: Annotated[int, Field(ge=0)] | rq.Fusion = Field(
         0, description="head index (0 <= head < heads), or mean|max|min over heads",
         json_schema_extra={"x-below": "heads"},
     )

@@ -19,8 +19,8 @@ from schemas import requests as rq
 from schemas import responses as rs
 from service import budget, imaging
 from service.engine import ops
-from service.methods import grad_rollout
 from service.engine.contract import Captured, FuseHeads, ModelShape, Needs, Result
+from service.methods import grad_rollout
 from service.methods.base import OnePassMethod, predictions
 from service.methods.registry import register
 
