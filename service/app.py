@@ -121,7 +121,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         async def handle(_request: Request, exc: Exception) -> JSONResponse:
             code = status if status is not None else exc.status
             headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
-            return JSONResponse({"detail": safe_text(str(exc) or type(exc).__name__)}, status_code=code, headers=headers)
+            return JSONResponse({"detail": safe_text(str(exc) or type(exc).__name__)}, status_code=code,
+                                headers=headers)
 
         return handle
 

@@ -144,7 +144,8 @@ class Batcher(Generic[T, R]):
         request can take the room in between.
         """
         if self.max_queue is not None and len(self._pending) + self._arriving + n > self.max_queue:
-            raise QueueFull(f"model {self.name!r} has {len(self._pending)} images queued and {self._arriving} on their way; "
+            raise QueueFull(f"model {self.name!r} has {len(self._pending)} images queued and {self._arriving} "
+                            "on their way; "
                             "try again shortly")
         self._arriving += n
         try:

@@ -451,7 +451,8 @@ def _answer(call: _Call, body: dict[str, Any]):
             return [Explanation.of(r) for r in body["results"]] if "results" in body else [Explanation.of(body)]
         return Explanation.of(body)
     except (KeyError, TypeError, ValueError, OSError, binascii.Error) as e:
-        raise AnswerError(502, f"the answer is not what {call.path} answers: {_excerpt(str(e) or type(e).__name__)}") from None
+        why = _excerpt(str(e) or type(e).__name__)
+        raise AnswerError(502, f"the answer is not what {call.path} answers: {why}") from None
 
 
 # What an image's first bytes say it is -> the content type of a raw body (service/api/parsing.py)
@@ -474,7 +475,8 @@ def _request_args(call: _Call, accept: str | None = None) -> dict[str, Any]:
         if ctype is not None:
             return {"content": call.images[0][1], "params": call.fields, "headers": {**headers, "Content-Type": ctype}}
     if call.images:
-        return {"data": call.fields, "files": [("image", (name, data)) for name, data in call.images], "headers": headers}
+        files = [("image", (name, data)) for name, data in call.images]
+        return {"data": call.fields, "files": files, "headers": headers}
     return {"json": {k: _json_value(v) for k, v in call.fields.items()}, "headers": headers}
 
 
@@ -589,7 +591,8 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._stream.close()
 
     def start_tls(self, ssl_context, server_hostname=None, timeout=None):  # noqa: ANN001, ANN201
-        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, _clip(timeout, httpcore.ConnectTimeout)))
+        tls = self._stream.start_tls(ssl_context, server_hostname, _clip(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(tls)
 
     def get_extra_info(self, info: str) -> Any:
         return self._stream.get_extra_info(info)
@@ -779,7 +782,8 @@ class AsyncClient(_Methods):
         return await self._exchange(("POST", call.path, _request_args(call, accept="text/event-stream")),
                                     call, None, None, on_progress=on_progress)
 
-    async def _exchange(self, request: tuple, call: _Call, to: Path | None, answer, on_progress: Progress | None = None):
+    async def _exchange(self, request: tuple, call: _Call, to: Path | None, answer,
+                        on_progress: Progress | None = None):
         method, path, kwargs = request
         token = _deadline.set(time.monotonic() + self.deadline)
         attempt = 0

@@ -46,30 +46,34 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="most images in one batch; a full batch starts at once")
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000,
-        description="longest wait for more images: for requests still decoding, and after a batch for its clients to come back",
+        description="longest wait for more images: for requests still decoding, and after a batch for its "
+        "clients to come back",
     )
     max_queue: int = Field(256, ge=1, description="queued images per model before 503 + Retry-After")
     request_timeout_s: float = Field(60.0, gt=0, description="504 when a request takes longer")
     max_pixels: int = Field(40_000_000, ge=1, description="images with more pixels are refused (413)")
     max_upload_mb: float = Field(20.0, gt=0, description="request bodies larger than this are refused (413)")
-    max_images: int = Field(16, ge=1, le=1024, description="images in one multipart or JSON request (at most --max-queue; default 16, or --max-queue when smaller)")
+    max_images: int = Field(16, ge=1, le=1024, description="images in one multipart or JSON request "
+                            "(at most --max-queue; default 16, or --max-queue when smaller)")
     max_pixels_in_flight: int | None = Field(
         None, ge=1,
-        description="pixels decoded or drawn at once across all requests; beyond it a request waits up to 5 s, then 503 "
-        "(default: 2 x --max-pixels)",
+        description="pixels decoded or drawn at once across all requests; beyond it a request waits up to 5 s, "
+        "then 503 (default: 2 x --max-pixels)",
     )
     max_bodies_mb: float | None = Field(
-        None, gt=0, description="request body megabytes held at once across all requests, beyond it 503 (default: 4 x --max-upload-mb)"
+        None, gt=0, description="request body megabytes held at once across all requests, beyond it 503 "
+        "(default: 4 x --max-upload-mb)"
     )
     read_timeout_s: float = Field(
         10.0, gt=0, description="longest wait for a request's headers, and for each next piece of its body (408)"
     )
     keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this long")
     max_connections: int | None = Field(
-        None, ge=1, description="open connections; a new one beyond it closes the longest-idle one, or gets 503 when all are busy "
-        "(default: 1000, or fewer to stay 128 below the file-handle limit)",
+        None, ge=1, description="open connections; a new one beyond it closes the longest-idle one, or gets 503 "
+        "when all are busy (default: 1000, or fewer to stay 128 below the file-handle limit)",
     )
-    max_header_kb: float = Field(32.0, gt=0, le=1024, description="request line and headers larger than this are refused (431)")
+    max_header_kb: float = Field(32.0, gt=0, le=1024,
+                                 description="request line and headers larger than this are refused (431)")
     max_maximizations: int = Field(
         8, ge=1, le=1024, description="activation maximizations running at once per model before 503 + Retry-After"
     )
@@ -81,7 +85,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(None, description="when set, every endpoint but health needs X-API-Key")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed by CORS (default: none)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         description="origins allowed by CORS (default: none)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(False, description="structured JSON log lines")
 
@@ -137,7 +142,8 @@ class Settings(BaseSettings):
             raise ValueError(f"--max-pixels-in-flight ({self.max_pixels_in_flight}) must be at least --max-pixels "
                              f"({self.max_pixels}), or an image within the limit could never be decoded")
         if self.max_bodies_mb is not None and self.max_bodies_mb < self.max_upload_mb:
-            raise ValueError(f"--max-bodies-mb ({self.max_bodies_mb:g}) must be at least --max-upload-mb ({self.max_upload_mb:g})")
+            raise ValueError(f"--max-bodies-mb ({self.max_bodies_mb:g}) must be at least "
+                             f"--max-upload-mb ({self.max_upload_mb:g})")
         return self
 
     @property

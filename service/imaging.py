@@ -139,7 +139,8 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         except (TypeError, ValueError, IndexError):
             raise ImageError("the image is corrupt: a part of it has no valid extent") from None
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h or x1 <= x0 or y1 <= y0:
-            raise ImageError(f"the image is corrupt: a part of it ({x1 - x0}x{y1 - y0} at {x0},{y0}) lies outside its {w}x{h} frame")
+            raise ImageError(f"the image is corrupt: a part of it ({x1 - x0}x{y1 - y0} at {x0},{y0}) "
+                             f"lies outside its {w}x{h} frame")
     if fmt == "JPEG":
         scans = data.count(b"\xff\xda")  # SOS markers; entropy-coded data stuffs every 0xFF
         if scans > MAX_JPEG_SCANS:
@@ -291,7 +292,8 @@ def _load(img: Image.Image) -> Image.Image:
             warnings.simplefilter("ignore")
             img.load()
             if img.size != size:  # no accepted plugin grows its frame on load; refuse one that would
-                raise ImageError(f"the image decoded to {img.size[0]}x{img.size[1]}, not the {size[0]}x{size[1]} it declares")
+                raise ImageError(f"the image decoded to {img.size[0]}x{img.size[1]}, "
+                                 f"not the {size[0]}x{size[1]} it declares")
             budget.check_deadline("decoding the image")
             ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
             return to_rgb(img)

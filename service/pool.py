@@ -230,7 +230,8 @@ class ModelPool:
             except Exception as e:  # noqa: BLE001 - any load failure is reported, never fatal
                 m.status, m.reason = "unavailable", f"{type(e).__name__}: {e}"
                 if m.spec.uses_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
-                    m.reason = f"weights are not in the local Hugging Face cache and the hub is offline or unreachable ({m.reason})"
+                    m.reason = ("weights are not in the local Hugging Face cache and the hub is offline or "
+                                f"unreachable ({m.reason})")
                 log.warning("model %s (%s) is unavailable: %s", m.name, m.spec.spec, m.reason)
             else:
                 on_batch = self._on_batch(m.name) if self._on_batch else None

@@ -73,7 +73,8 @@ class ReplicaHeader:
 
         async def send_with_replica(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", ()) if not (proxied and k.lower() == b"x-request-id")]
+                headers = [(k, v) for k, v in message.get("headers", ())
+                           if not (proxied and k.lower() == b"x-request-id")]
                 message = {**message, "headers": [*headers, (b"x-replica", self.replica)]}
             await send(message)
 

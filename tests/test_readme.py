@@ -128,7 +128,8 @@ def test_documented_curl_runs_as_written(server, workdir, md, line, cmd):
 
 def python_blocks(md: Path) -> list[tuple[int, str]]:
     text = md.read_text()
-    return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)]
+    blocks = re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S)
+    return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in blocks]
 
 
 PYTHON = [(md, no, code) for md in DOCS for no, code in python_blocks(md) if "http://127.0.0.1:8000" in code]
@@ -144,7 +145,8 @@ def test_documented_client_code_runs_as_written(server, workdir, monkeypatch, ca
     assert scope["png"].startswith(MAGIC["image/png"])
     assert len(scope["both"]) == 2
     assert scope["frames"].shape == (3, 14, 14)
-    assert scope["best"].image.size == (224, 224) and len(scope["best"].objective) == capsys.readouterr().out.count("\n")
+    printed = capsys.readouterr().out.count("\n")
+    assert scope["best"].image.size == (224, 224) and len(scope["best"].objective) == printed
     if "table" in scope:
         assert sorted(scope["table"].ranking) == [0, 1]
 

@@ -115,7 +115,8 @@ def _check_unicode(node: Any) -> None:
                 try:
                     x.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise BodyError(400, "the JSON body holds a string that is not valid Unicode (a lone surrogate)") from None
+                    raise BodyError(400, "the JSON body holds a string that is not valid Unicode "
+                                         "(a lone surrogate)") from None
         elif isinstance(x, dict):
             stack.extend(x.keys())
             stack.extend(x.values())
@@ -166,7 +167,8 @@ def long_text_fields(fields: dict[str, Any]) -> list[str]:
     """The parameters holding text longer than MAX_TEXT_CHARS: refused (422) before anything
     splits or validates them (a list sent as one comma-separated string would be split whole)."""
     return [key for key, value in fields.items()
-            if any(isinstance(v, str) and len(v) > MAX_TEXT_CHARS for v in (value if isinstance(value, list) else [value]))]
+            if any(isinstance(v, str) and len(v) > MAX_TEXT_CHARS
+                   for v in (value if isinstance(value, list) else [value]))]
 
 
 # -- multipart --------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):  # str() of an int over 4300 digits raises: never convert a big one
-        return value if value.bit_length() <= 50 else f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+        digits = int(value.bit_length() * 0.30103)
+        return value if value.bit_length() <= 50 else f"<an integer of about {digits} digits>"
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):

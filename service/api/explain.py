@@ -199,8 +199,8 @@ async def _long_work(request: Request, ctx: AppContext, method: LongMethod, para
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
 
-async def _events(ctx: AppContext, method: LongMethod, params, state, steps: AsyncIterator[tuple[int, int, float]], shape,
-                  close):
+async def _events(ctx: AppContext, method: LongMethod, params, state, steps: AsyncIterator[tuple[int, int, float]],
+                  shape, close):
     """Server-sent events of long work. A client that leaves cancels this generator, and with
     it the step it waits for (Starlette cancels the response when the client disconnects)."""
     try:
@@ -265,7 +265,8 @@ def _body(method: Method) -> dict:
     return {
         "parameters": query,
         "requestBody": {"required": True, "content": content},
-        "responses": {"200": {"description": "the explanation; JSON with one result per image for several images", "content": ok}},
+        "responses": {"200": {"description": "the explanation; JSON with one result per image for several images",
+                              "content": ok}},
     }
 
 

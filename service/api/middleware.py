@@ -246,7 +246,8 @@ class RequestMiddleware:
                     raise BodyTooLarge()
                 if chunk and not declared and admission is not None:
                     if not admission.body_bytes.try_take(chunk):
-                        raise budget.Busy("the service holds its limit of request body bytes at once; try again shortly")
+                        raise budget.Busy("the service holds its limit of request body bytes at once; "
+                                          "try again shortly")
                     lease.hold(admission.body_bytes, chunk)
                 if not message.get("more_body", False):
                     body_read()
@@ -266,7 +267,8 @@ class RequestMiddleware:
             if not state["started"]:
                 await _json(send, 503, str(e), extra=[(b"retry-after", str(RETRY_AFTER_S).encode())])
         except Exception:  # a bug: log it here, answer without a stack trace
-            logging.getLogger("service").exception("unhandled error in %s %s", esc(scope["method"], 16), esc(scope["path"]))
+            logging.getLogger("service").exception("unhandled error in %s %s", esc(scope["method"], 16),
+                                                   esc(scope["path"]))
             if not state["started"]:
                 await _json(send, 500, "internal error; the request id is in X-Request-ID")
         finally:

@@ -70,7 +70,8 @@ async def read_request(
         raise ClientError(415, f"send multipart/form-data, application/json or the image itself "
                                f"({', '.join(sorted(RAW_TYPES))}), not {safe_text(ctype, 80) or 'no content type'!r}")
     if not images and image_required:
-        raise RequestValidationError([{"type": "missing", "loc": ("body", "image"), "msg": "Field required", "input": None}])
+        raise RequestValidationError([{"type": "missing", "loc": ("body", "image"), "msg": "Field required",
+                                       "input": None}])
     if len(images) > max_images:
         raise ClientError(422, f"{len(images)} images in one request; the limit is {max_images}")
     # Text over the bound is refused before validation (which runs here, on the event loop) can

@@ -178,7 +178,8 @@ class Remote:
             got = self.client.request(method.route, image, format=fmt, model=self.model, to=target, **params)
             return None if target is not None else got
         except ServiceError as e:
-            raise Refused(REFUSED if e.status < 500 else FAILED, f"{image or method.name}: {e.status}: {e.detail}") from None
+            code = REFUSED if e.status < 500 else FAILED
+            raise Refused(code, f"{image or method.name}: {e.status}: {e.detail}") from None
 
 
 class Local:
@@ -205,7 +206,8 @@ class Local:
 
         shape = self.engine.shape
         try:
-            p = method.Params(**params, format=fmt) if "format" in method.Params.model_fields else method.Params(**params)
+            given = {**params, "format": fmt} if "format" in method.Params.model_fields else params
+            p = method.Params(**given)
             method.check(p, shape)
             need = self.preprocess.target(method.canvas(p))
             decoded = imaging.prepare(image.read_bytes(), 40_000_000, need) if image else None
@@ -231,7 +233,8 @@ def _validate(method: Method, params: dict) -> None:
     try:
         method.Params(**params)
     except ValidationError as e:
-        msgs = "; ".join(f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors())
+        msgs = "; ".join(f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+                         for err in e.errors())
         raise Refused(USAGE, f"invalid parameters for {method.name}: {msgs}") from None
 
 

@@ -35,7 +35,8 @@ FAITHFULNESS_CHUNK = {"cpu": 32, "cuda": 256}
 class Engine:
     """A model resident on one device, hooked for capture once, answering batches of jobs."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32, name: str = "model") -> None:
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32,
+                 name: str = "model") -> None:
         self.device = device
         self.dtype = dtype
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -55,8 +55,10 @@ class ActivationMaxParams(rq.Params):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the starting noise and the jitter")
     l2_weight: float = Field(0.0, ge=0.0, le=1e4, description="weight of the L2 decay of the normalised image")
     jitter: int = Field(0, ge=0, le=64, description="random shift of up to this many pixels each step")
-    tv_weight: float = Field(0.0, ge=0.0, le=1e6, description="weight of the total variation between neighbouring pixels")
-    format: rq.Format = rq.fmt(doc="png: the image at the model's input size; json: the image as base64 PNG and the objective per step")
+    tv_weight: float = Field(0.0, ge=0.0, le=1e6,
+                             description="weight of the total variation between neighbouring pixels")
+    format: rq.Format = rq.fmt(doc="png: the image at the model's input size; "
+                                   "json: the image as base64 PNG and the objective per step")
 
 
 @dataclass
@@ -94,7 +96,8 @@ class ActivationMax(LongMethod):
         if p.target != "class":
             limit, dim = (shape.embed_dim, "embed_dim") if p.target == "features" else (shape.head_dim, "head_dim")
             if p.channel >= limit:
-                raise InvalidParams("channel", f"must be < {limit} for target={p.target} (model {shape.name!r} has {dim} {limit})")
+                raise InvalidParams("channel", f"must be < {limit} for target={p.target} "
+                                               f"(model {shape.name!r} has {dim} {limit})")
 
     def needs(self, p: ActivationMaxParams, shape: ModelShape) -> Needs:
         if p.target == "features":

@@ -27,7 +27,8 @@ class AttentionParams(rq.Params):
     format: rq.PictureFormat = rq.fmt(doc="png, jpeg or webp: one overlay tile per block; json: the raw maps")
 
 
-def class_attention(cls_rows: list[torch.Tensor], head: int | rq.Fusion, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+def class_attention(cls_rows: list[torch.Tensor], head: int | rq.Fusion, prefix: int,
+                    grid: tuple[int, int]) -> torch.Tensor:
     """Per block (b, H, N) class-token rows -> (b, L, gh, gw), each map divided by its max."""
     picked = [r[:, head] if isinstance(head, int) else ops.fuse_heads(r, head) for r in cls_rows]
     return ops.normalize_max(ops.patch_map(torch.stack(picked, dim=1), prefix, grid))

@@ -181,7 +181,8 @@ class LongMethod(Method):
         """This step's input (3, H, W): pixel values in [0, 1] at the model's input size."""
         raise NotImplementedError
 
-    def objective(self, p: Params, c: Captured, x: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(self, p: Params, c: Captured, x: torch.Tensor,
+                  shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (the value (b,), the penalty (b,)) for a group of equal parameters; a step ascends value - penalty."""
         raise NotImplementedError
 

@@ -24,7 +24,8 @@ class QKParams(rq.Params):
     head: int = rq.below("heads", 0, "head index")
     channel: int = rq.below("head_dim", 0, "channel of the head")
     which: Literal["q", "k"] = Field("q", description="q (queries) or k (keys)")
-    format: rq.Format = rq.fmt(doc="png: grayscale feature image at the upload's size (up to max_side); json: the raw map")
+    format: rq.Format = rq.fmt(doc="png: grayscale feature image at the upload's size (up to max_side); "
+                                   "json: the raw map")
     max_side: int = rq.max_side()
 
 

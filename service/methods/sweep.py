@@ -46,7 +46,8 @@ class _SweepFields(rq.Faithful):
     )
     frame_ms: int = Field(500, ge=20, le=10_000, description="duration of each frame of the animation, in ms")
     max_side: int = rq.max_side()
-    format: SweepFormat = Field("gif", description="gif or apng: animated heatmaps labelled with their ratio; json: one mask per ratio (always json for several images)")
+    format: SweepFormat = Field("gif", description="gif or apng: animated heatmaps labelled with their ratio; "
+                                                   "json: one mask per ratio (always json for several images)")
 
     _split = field_validator("discard_ratios", mode="before")(_ratios)
 
