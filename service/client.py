@@ -187,7 +187,7 @@ class _Methods:
         fields = _fields(params, "json" if many else fmt)
         return self._send(_Call(path, fields, [encode_image(i) for i in given], fields["format"], many))
 
-    # The methods that answer maps also take the faithfulness option (README "Faithfulness"):
+    # The methods that answer maps also take the faithfulness option (docs/faithfulness.md):
     # faithfulness=True, faithfulness_steps, removal ("blur" | "mean"), order ("most" | "least").
     # Picture answers (format png, jpeg or webp) are drawn with their longest side at most max_side.
     def rollout(self, images: Images, *, head_fusion: str | None = None, discard_ratio: float | None = None,

@@ -45,7 +45,7 @@ class UnsupportedFormat(ImageError):
     status = 415
 
 
-# The formats the service decodes (README, Errors); PIL is never asked to try any other. MPO is
+# The formats the service decodes (docs/operations.md, Errors); PIL is never asked to try any other. MPO is
 # how PIL names a JPEG that carries more pictures (phones write them): its first one is a JPEG.
 ACCEPTED = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _ACCEPTED_AS = {"MPO": "JPEG"}

@@ -1,6 +1,6 @@
 """An independent, dense float64 reference for every map the service returns.
 
-Written from the definitions in the README, not from the engine: a float64 copy of the model
+Written from the definitions in docs/how-it-works.md, not from the engine: a float64 copy of the model
 with timm's *unfused* attention path, the post-softmax attention read where the model applies
 it (the output of `attn_drop`), gradients by autograd on those very tensors, full N x N matrix
 products, and a full stable sort for the discard. Slow and simple on purpose.

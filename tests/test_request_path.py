@@ -3,7 +3,7 @@ and webp, and large photographs decoded no larger than the answer needs.
 
 The server runs the demo model (14 x 14 grid, 224 px input, bilinear). References come from the
 definitions: the mask from the float64 reference model on the reference preprocessing, the overlay
-from the README's formula drawn over the upload resized to the answer's size."""
+from the heatmap's formula (docs/how-it-works.md) drawn over the upload resized to the answer's size."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_openapi_describes_the_raw_body_and_its_query_parameters(client):
 
 # -- pictures at max_side, in png, jpeg and webp ----------------------------------------------------
 def overlay_reference(canvas: Image.Image, mask: np.ndarray) -> np.ndarray:
-    """The README's heatmap: jet(bilinear mask) + image / 255, divided by its maximum, x 255."""
+    """The heatmap (docs/how-it-works.md): jet(bilinear mask) + image / 255, divided by its maximum, x 255."""
     w, h = canvas.size
     up = np.asarray(Image.fromarray(mask.astype(np.float32), "F").resize((w, h), Image.Resampling.BILINEAR))
     jet = imaging._lut("jet")[(np.clip(up, 0, 1) * 255).astype(np.uint8)]

@@ -4,7 +4,7 @@ Shapes: B batch, L blocks, H heads, N = P + gh*gw tokens (P prefix tokens: class
 then distillation/register tokens), D head dim. No I/O, no HTTP, no model here: only tensors in
 and tensors out, on whatever device they arrive.
 
-Definitions (per image; see README "The methods"):
+Definitions (per image; see docs/how-it-works.md):
   fuse(X)      mean, max or min over heads
   discard(F,r) zero the floor(r*N*N) smallest entries of F, never F[0, 0]
   rollout      R = Â_L ... Â_1 with Â_l = rownorm(F_l + I); the map is R[0, P:] / max
