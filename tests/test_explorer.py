@@ -386,13 +386,16 @@ def test_activation_maximization_shows_live_progress(tab):
     s.set("steps", "5")
     s.set("seed", "3")
     s.page.click("#column-a button.run")
-    # progress while it runs: the step count and the chart move before the answer is there
+    # progress while it runs: the step count and the chart move before the answer is there (on a busy
+    # machine all five steps may be done before the page is looked at: then only the end is checked)
     s.page.wait_for_function("() => { const p = document.querySelector('#pane-a');"
                              " return p.dataset.state !== 'running' || Number(p.dataset.step) >= 2; }")
-    assert s.page.get_attribute("#pane-a", "data-state") == "running", s.page.inner_text("#pane-a .error")
-    assert "/5 · objective" in s.page.inner_text("#pane-a .progress")
+    if s.page.get_attribute("#pane-a", "data-state") == "running":
+        assert "/5 · objective" in s.page.inner_text("#pane-a .progress")
     s.page.wait_for_selector("#pane-a[data-state=done], #pane-a[data-state=error]")
     assert s.page.get_attribute("#pane-a", "data-state") == "done", s.page.inner_text("#pane-a .error")
+    # every step's event reached the page, with the total it declares
+    assert "step 5/5 · objective" in s.page.inner_text("#pane-a .progress")
     got = s.last()
     assert got["request"] == {"model": "deit", "steps": "5", "seed": "3", "format": "json"}
     assert "Accept: text/event-stream" in got["curl"]
