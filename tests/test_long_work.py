@@ -83,7 +83,8 @@ def test_the_limit_holds_for_simultaneous_requests(server):
         codes = sorted(pool.map(one, range(4)))
     # one admitted, three refused at once; the admitted one may run past the 4 s request timeout
     # on a busy machine (504), which still shows the limit held
-    assert codes[1:] == [503, 503, 503] and codes[0] in (200, 504), codes
+    admitted = [c for c in codes if c != 503]
+    assert codes.count(503) == 3 and len(admitted) == 1 and admitted[0] in (200, 504), codes
 
 
 def _png() -> bytes:
