@@ -11,6 +11,7 @@ import torch
 
 from demo import train
 from demo.scenes import CLASS_NAMES
+from service import methods
 from service.engine.engine import Engine
 
 
@@ -29,4 +30,4 @@ def test_training_writes_a_local_dir_model_the_service_can_serve(tmp_path: Path,
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     engine = Engine(model, torch.device("cpu"))
     assert engine.grid == (14, 14) and engine.num_heads == 3 and engine.input_size == (train.SIZE, train.SIZE)
-    engine.warmup()  # the service's own readiness step
+    engine.warmup(methods.warmup_jobs())  # the service's own readiness step
