@@ -90,7 +90,6 @@ function niceStep(x) {
   return 10 ** Math.floor(Math.log10(x));
 }
 
-
 // One control per declared parameter: {name, param, node, get(), set(v), refresh()}
 function makeControl(p, method, model, column) {
   const id = `${column.id}-${p.name}`;
