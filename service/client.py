@@ -363,11 +363,7 @@ class _Body:
         return False
 
     def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self.limit:
-            raise AnswerError(502, f"the answer is larger than the limit of {self.limit} bytes")
-        if _left() is not None and _left() <= 0:
-            raise _Late()
+        self.size = _counted(self.size, chunk, self.limit, "the answer")
         if self.file is not None:
             self.file.write(chunk)
         else:
@@ -504,11 +500,7 @@ class _Events:
 
     def feed_bytes(self, chunk: bytes) -> bool:
         """True once the result has come."""
-        self.size += len(chunk)
-        if self.size > self.limit:
-            raise AnswerError(502, f"the event stream is larger than the limit of {self.limit} bytes")
-        if _left() is not None and _left() <= 0:
-            raise _Late()
+        self.size = _counted(self.size, chunk, self.limit, "the event stream")
         *lines, self.pending = (self.pending + chunk).split(b"\n")
         return any(self.feed(line.rstrip(b"\r").decode("utf-8", "replace")) for line in lines)
 
@@ -538,6 +530,18 @@ class _Events:
 
 class _Late(Exception):
     """The call's deadline passed while its answer was still coming."""
+
+
+def _counted(size: int, chunk: bytes, limit: int, what: str) -> int:
+    """size + len(chunk): the bytes of an answer so far, within `limit` (AnswerError past it) and
+    the call's deadline (_Late past it)."""
+    size += len(chunk)
+    if size > limit:
+        raise AnswerError(502, f"{what} is larger than the limit of {limit} bytes")
+    left = _left()
+    if left is not None and left <= 0:
+        raise _Late()
+    return size
 
 
 class _Retry:
