@@ -28,9 +28,9 @@ README = ROOT / "README.md"
 MAX_LINES = 250
 FIRST_CURL_BY = 40
 MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8",
-         "image/webp": b"RIFF"}
+         "image/webp": b"RIFF", "text/plain": b"# HELP "}  # text/plain: Prometheus metrics
 SUFFIX_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
-                ".webp": "image/webp"}
+                ".webp": "image/webp", ".txt": "text/plain"}
 
 
 def sh_commands(text: str) -> list[tuple[int, str]]:
