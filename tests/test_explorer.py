@@ -490,3 +490,33 @@ def test_the_comparison_is_a_ranked_table_of_thumbnails(tab, api, photo):
     s.page.click("#compare-run")
     s.page.wait_for_selector("#comparison[data-state=error]")
     assert "settings.0.method" in s.page.inner_text("#comparison-error")
+
+
+def test_controls_follow_their_declared_conditions_and_the_default_comparison_is_the_comparable_methods(
+        tab, api, photo):
+    """What GET /methods declares drives the page: a parameter's `when` shows or hides its control, and
+    the comparison's default settings are every `comparable` method, its required class the top one."""
+    methods = {m["name"]: m for m in api.get("/methods").json()}
+    s = tab.open()
+    s.upload(photo)
+    long = next(m for m in methods.values() if m["kind"] == "long")
+    conditional = {p["name"]: p["when"] for p in long["params"] if p["when"]}
+    assert conditional, "no declared condition to check"
+    s.method(long["name"])
+    for name, when in conditional.items():
+        for field, values in when.items():
+            for value in next(p["enum"] for p in long["params"] if p["name"] == field):
+                s.set(field, value)
+                assert s.page.is_visible(f"#a-{name}") == (value in values), (name, field, value)
+
+    s.page.fill("#compare-settings", "")
+    s.page.fill("#compare-steps", "2")
+    s.page.click("#compare-run")
+    s.page.wait_for_selector("#comparison[data-state=done], #comparison[data-state=error]")
+    assert s.page.get_attribute("#comparison", "data-state") == "done", s.page.inner_text("#comparison-error")
+    top = s.page.evaluate("window.explorer.predictions[0].class_id")
+    want = [{"method": m["name"], "params": {p["name"]: top for p in m["params"] if p["required"] and
+                                            p["below"] == "classes"}} for m in methods.values() if m["comparable"]]
+    assert json.loads(s.page.input_value("#compare-settings")) == want
+    results = s.page.evaluate("window.explorer.comparison")["results"]
+    assert [r["method"] for r in results] == [w["method"] for w in want]
