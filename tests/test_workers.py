@@ -171,32 +171,52 @@ def test_metrics_answer_for_every_worker(server):
         assert _metric(after, "vit_model_status", model="tiny", pid=pid, status="ready") == 1
 
 
-def _held_post(url: str) -> socket.socket:
-    """A connection with a request under way: headers and part of the body sent, the rest held back."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+def _hold_a_request(host: str, port: int) -> tuple[int | None, socket.socket]:
+    """A fresh connection, told apart by the worker that answers its GET /healthz (None: refused with
+    503), then given a request under way: POST headers sent, the server's `100 Continue` read back
+    (its app is reading the body, so the connection is busy, not idle), part of the body sent."""
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = read_answer(sock)
+    if answer.startswith(b"HTTP/1.1 503"):
+        assert b"Retry-After" in answer or b"retry-after" in answer, answer
+        return None, sock
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    pid = int(re.search(rb'"pid":(\d+)', answer).group(1))
     sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                 b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
-    return sock
+                 b"Expect: 100-continue\r\nContent-Length: 1000\r\n\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before 100 Continue: {got!r}"
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 100"), got
+    sock.sendall(b"x" * 10)
+    return pid, sock
 
 
 def test_connection_limit_holds_per_worker(server):
     # Busy connections cannot be evicted: past --max-connections a worker refuses the next with 503.
-    # Twenty over two workers: each gets at least three, all but the hash's unluckiest draws
-    # (2 in 10,000), so the host holds 2 x MAX_CONNECTIONS of them, each worker its own limit.
-    socks = []
+    # Each connection is told apart by the pid that answers it, so the count is per worker and does
+    # not depend on how the kernel's hash spreads them.
+    host, port = server.url.removeprefix("http://").split(":")
+    held: dict[int, list[socket.socket]] = {}
+    refused, socks = 0, []
     try:
-        for _ in range(20):
-            socks.append(_held_post(server.url))
-            time.sleep(0.05)
-        time.sleep(2)  # a refused connection has had its 503 and been closed by now
-        refused = [s for s in socks if select.select([s], [], [], 0)[0]]
-        for s in refused:
-            try:
-                assert s.recv(4096).startswith(b"HTTP/1.1 503")
-            except ConnectionResetError:  # the 503 and close can cross the client's last bytes
-                pass
-        assert len(socks) - len(refused) == 2 * MAX_CONNECTIONS
+        for _ in range(200):
+            pid, sock = _hold_a_request(host, int(port))
+            socks.append(sock)
+            if pid is None:
+                refused += 1
+            else:
+                held.setdefault(pid, []).append(sock)
+                assert len(held[pid]) <= MAX_CONNECTIONS, f"worker {pid} took a busy connection past its limit"
+            if len(held) == 2 and all(len(v) == MAX_CONNECTIONS for v in held.values()) and refused >= 4:
+                break
+        assert sorted(len(v) for v in held.values()) == [MAX_CONNECTIONS] * 2, held
+        assert refused >= 4
+        time.sleep(0.5)  # the held requests are still under way: none was closed to make room
+        assert not any(select.select([s], [], [], 0)[0] for v in held.values() for s in v)
     finally:
         for s in socks:
             s.close()
