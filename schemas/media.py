@@ -11,3 +11,15 @@ MEDIA_TYPES = {
     "jpeg": "image/jpeg",
     "webp": "image/webp",
 }
+
+# The longest side each format's encoder writes, in pixels: libwebp 16383, libjpeg 65500
+# (JPEG_MAX_DIMENSION), GIF's 16-bit sizes 65535; PNG and APNG, 2^31 - 1 (the PNG specification).
+# A picture answer is drawn no larger (service/methods/base.py, Method.canvas); measured at each limit and one past
+# it by tests/test_hostile3_edges.py.
+MAX_SIDES = {
+    "png": 2**31 - 1,
+    "apng": 2**31 - 1,
+    "gif": 65535,
+    "jpeg": 65500,
+    "webp": 16383,
+}

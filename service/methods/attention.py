@@ -51,7 +51,7 @@ class LayerAttention(OnePassMethod):
         return {"model": shape.name, "params": self.echo(p), "grid": shape.grid, "layers": r.maps.tolist()}
 
     def draw(self, p: AttentionParams, img: Image.Image, r: Result, shape: ModelShape) -> np.ndarray:
-        return imaging.montage(img, r.maps)
+        return imaging.montage(img, r.maps, max_side=imaging.MAX_SIDES[p.format])
 
     def canvas(self, p: AttentionParams) -> int | None:
         return None if p.format == "json" else imaging.TILE  # the tiles' size: the upload is never needed larger

@@ -113,9 +113,15 @@ class Method:
     def canvas(self, p: Params) -> int | None:
         """The picture this answer draws over the upload: None for none (JSON, or a picture not
         of the upload), else the longest side it is drawn at (0: the upload's own size). Decoding
-        makes the upload at this size (`img` of draw/render), never larger."""
+        makes the upload at this size (`img` of draw/render), never larger. The side is at most
+        what the format's encoder writes (imaging.MAX_SIDES): 0 and larger sides are drawn at that
+        limit when the upload is larger, so that no request fails in the encoder after its work."""
         side = getattr(p, "max_side", None)
-        return None if side is None or getattr(p, "format", "json") == "json" else side
+        fmt = getattr(p, "format", "json")
+        if side is None or fmt == "json":
+            return None
+        limit = imaging.MAX_SIDES[fmt]
+        return limit if side == 0 else min(side, limit)
 
     def frames(self, p: Params) -> int:
         """How many pictures of the canvas's size the answer holds at once (the pixel budget)."""
