@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 import zlib
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import pillow_heif
 from cmap import Colormap
 from isal import isal_zlib
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from schemas.media import MEDIA_TYPES  # noqa: F401 - the methods' render() reaches it here
+from schemas.media import MAX_SIDES, MEDIA_TYPES  # noqa: F401 - the methods reach them here
 from service import budget
 
 # We check the pixel count ourselves, from the header, before decoding anything.
@@ -45,9 +47,38 @@ class UnsupportedFormat(ImageError):
     status = 415
 
 
+# A library's own text as it reaches a client: its first line, after the last reference to a source
+# file (torchvision's "decode_jpeg, /__w/.../decode_jpeg.cpp:171, Invalid JPEG file structure: ...")
+# and never a trace; what is left is the library's reason (or nothing).
+_SOURCE = re.compile(r"\S*\.(?:c|cc|cpp|cxx|h|hpp|cu|py|pyx)\b(?::\d+)?|File \"", re.IGNORECASE)
+
+
+def library_words(e: BaseException, limit: int = 200) -> str:
+    """The reason a library gives in `e`, fit for a client: no source path, line number or trace."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines and "Traceback" not in lines[0] else ""
+    found = list(_SOURCE.finditer(text))
+    if found:
+        text = text[found[-1].end():]
+    text = text.strip(" ,:;-")
+    if _SOURCE.search(text) or "/" in text or "\\" in text:  # nothing of a path survives
+        text = ""
+    return text[:limit] or type(e).__name__
+
+
+class NotAnImage(ImageError):
+    """Bytes in no format PIL recognises (422; the API answers 415 when the body declared an image
+    type the service does not take, service/api/parsing.py)."""
+
+
 # The formats the service decodes (docs/operations.md, Errors); PIL is never asked to try any other. MPO is
-# how PIL names a JPEG that carries more pictures (phones write them): its first one is a JPEG.
-ACCEPTED = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# how PIL names a JPEG that carries more pictures (phones write them): its first one is a JPEG. HEIF
+# (HEIC, what phones save) is pillow-heif's plugin, registered here, AVIF Pillow's own (libavif): both
+# decode a whole frame in one call of their library, after the same checks of its declared size as
+# every other format; pillow-heif decodes on one thread (the service's cores are split between its
+# workers) and lists no thumbnails, depth or auxiliary images.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False, decode_threads=1)
+ACCEPTED = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
 _ACCEPTED_AS = {"MPO": "JPEG"}
 # A progressive JPEG is decoded scan by scan, each scan over the whole image: libjpeg writes 10
 # scans for a colour image, and a few dozen cover any sane script. Thousands of empty scans are
@@ -117,11 +148,11 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         other = _other_format(data)
         if other is not None:
             raise UnsupportedFormat(f"{other} images are not accepted; send {', '.join(ACCEPTED)}") from None
-        raise ImageError("the upload is not a decodable image (PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
+        raise NotAnImage(f"the upload is not a decodable image ({', '.join(ACCEPTED)})") from None
     except TimeoutError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
-        raise ImageError(f"the image could not be read: {e}") from None
+        raise ImageError(f"the image could not be read: {library_words(e)}") from None
     fmt = _ACCEPTED_AS.get(img.format, img.format)
     if fmt not in ACCEPTED:
         raise UnsupportedFormat(f"{img.format} images are not accepted; send {', '.join(ACCEPTED)}")
@@ -300,7 +331,7 @@ def _load(img: Image.Image) -> Image.Image:
     except (ImageError, TimeoutError):
         raise
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data, whatever the decoder says
-        raise ImageError(f"the image is truncated or corrupt: {e}") from None
+        raise ImageError(f"the image is truncated or corrupt: {library_words(e)}") from None
 
 
 def _rows_per_chunk(width: int) -> int:
@@ -418,12 +449,16 @@ def _thumbnail(img: Image.Image, box: tuple[int, int]) -> Image.Image:
     return img.resize((x, y), Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
-def montage(img: Image.Image, maps: np.ndarray, colormap: str = "jet") -> np.ndarray:
-    """One overlay tile per map (L, gh, gw), laid out row-major in a near-square grid -> uint8 RGB."""
-    thumb = _thumbnail(img, (TILE, TILE))
-    tw, th = thumb.size
+def montage(img: Image.Image, maps: np.ndarray, colormap: str = "jet", max_side: int = 2**31 - 1) -> np.ndarray:
+    """One overlay tile per map (L, gh, gw), laid out row-major in a near-square grid -> uint8 RGB.
+
+    Tiles are TILE px, smaller when a sheet of them would be wider or taller than max_side (the
+    encoder's limit, MAX_SIDES): a model of thousands of blocks still fits its format."""
     cols = math.ceil(math.sqrt(len(maps)))
     rows = math.ceil(len(maps) / cols)
+    box = max(1, min(TILE, (max_side + GAP) // max(cols, rows) - GAP))
+    thumb = _thumbnail(img, (box, box))
+    tw, th = thumb.size
     sheet = np.full((rows * th + (rows - 1) * GAP, cols * tw + (cols - 1) * GAP, 3), 255, np.uint8)
     for i, m in enumerate(maps):
         r, c = divmod(i, cols)

@@ -71,7 +71,8 @@ def test_a_raw_body_matches_the_reference(client, reference):
     ({"format": "gif"}, "image/jpeg", None, 422, "format"),
     ({}, "image/jpeg", b"", 422, "image"),
     ({}, "image/jpeg", b"not an image at all", 422, "image"),
-    ({}, "image/x-icon", None, 415, "image/jpeg"),
+    ({}, "image/svg+xml", b"<svg xmlns='http://www.w3.org/2000/svg'/>", 415, "image/jpeg"),
+    ({}, "image/x-icon", b"\0\0\1\0 not even an icon", 415, "JPEG"),
     ({}, "image/jpeg", "truncated", 422, "truncated"),
 ])
 def test_raw_body_mistakes_get_clear_4xx(client, params, ctype, data, status, needle):

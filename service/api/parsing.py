@@ -43,11 +43,19 @@ class ClientError(ValueError):
 
 
 # Raw bodies: the image itself, with the parameters in the query string (services that send one
-# image and want no multipart encoding). The declared type must name a format the service decodes.
+# image and want no multipart encoding). Any image/* type makes a raw body: the bytes say what the
+# image is (a JPEG sent as image/jpg, image/pjpeg or image/png is explained all the same); bytes in
+# no format the service decodes are refused with 415 when the declared type is none of RAW_TYPES
+# (image/svg+xml, image/x-icon, ...), with the 422 of any undecodable upload when it is one of them.
 # Uploads up to this many bytes in all have their headers read on the event loop (tens of
 # microseconds); larger ones in a worker thread.
 INLINE_INSPECT_BYTES = 256 * 1024
-RAW_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff"})
+RAW_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff",
+                       "image/heic", "image/heif", "image/avif"})
+
+
+def _is_raw(ctype: str) -> bool:
+    return ctype.startswith("image/")
 
 
 async def read_request(
@@ -56,7 +64,7 @@ async def read_request(
     """Parse and validate: the body (multipart, JSON or a raw image) -> (parameters, image bytes).
     Nothing is decoded here; `admit_images` checks the images' headers and budgets them."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "" and ctype not in RAW_TYPES and request.url.query:
+    if ctype != "" and not _is_raw(ctype) and request.url.query:
         # never ignored in silence: a parameter there would otherwise be dropped, its default used
         raise ClientError(422, "the query string carries parameters only with a raw image body; "
                                "send them as form fields or JSON members")
@@ -64,8 +72,9 @@ async def read_request(
         fields, images = await _multipart(request, max_images)
     elif ctype == "application/json":
         fields, images = await _json(request, max_images)
-    elif ctype in RAW_TYPES:
+    elif _is_raw(ctype):
         fields, images = await _raw(request)
+        request.state.raw_type = ctype
     else:
         raise ClientError(415, f"send multipart/form-data, application/json or the image itself "
                                f"({', '.join(sorted(RAW_TYPES))}), not {safe_text(ctype, 80) or 'no content type'!r}")
@@ -77,7 +86,7 @@ async def read_request(
     # Text over the bound is refused before validation (which runs here, on the event loop) can
     # split it; the other fields are still validated, so that the answer lists every error.
     long = long_text_fields(fields)
-    where = "query" if ctype in RAW_TYPES else "body"
+    where = "query" if _is_raw(ctype) else "body"
     errors = [{"type": "string_too_long", "loc": (where, k), "input": fields[k],
                "msg": f"text longer than {MAX_TEXT_CHARS} characters"} for k in long]
     try:
@@ -99,6 +108,7 @@ async def admit_images(request: Request, images: list[bytes], target: imaging.Ta
     if ctx is None or not images:
         return
     max_pixels = ctx.settings.max_pixels
+    declared = getattr(request.state, "raw_type", None)
 
     def inspect_all() -> int:
         total = 0
@@ -106,6 +116,10 @@ async def admit_images(request: Request, images: list[bytes], target: imaging.Ta
             try:
                 total += imaging.cost(data, max_pixels, target, frames)
             except imaging.ImageError as e:
+                if isinstance(e, imaging.NotAnImage) and declared is not None and declared not in RAW_TYPES:
+                    raise imaging.UnsupportedFormat(  # e.g. image/svg+xml: a type the service does not take
+                        f"the body ({safe_text(declared, 80)!r}) is in no format the service decodes; send "
+                        f"{', '.join(sorted(RAW_TYPES))} (or multipart/form-data or application/json)") from None
                 if len(images) > 1:
                     raise type(e)(f"image {i}: {e}") from None
                 raise
