@@ -75,11 +75,23 @@ async def _compute(ctx: AppContext, request: Request, served: ServedModel, job: 
         submits = [asyncio.ensure_future(served.batcher.submit((d.encoded if d.pixels is None else d.pixels, job)))
                    for d in decoded]
     try:
-        results = await _unless_gone(request, asyncio.gather(*submits))
+        results = await _unless_gone(request, asyncio.gather(*(_named(i, t, len(submits)) for i, t in
+                                                               enumerate(submits))))
     finally:
         for t in submits:
             t.cancel()
     return [d.canvas for d in decoded], results
+
+
+async def _named(i: int, submit: asyncio.Future, n: int) -> Result:
+    """An image's result; an image error found in the batch (a JPEG decoded on the device) names
+    the image among several, as the CPU path's decoding does (`_decode_all`)."""
+    try:
+        return await submit
+    except imaging.ImageError as e:
+        if n > 1:
+            raise type(e)(f"image {i}: {e}") from None
+        raise
 
 
 def _accepted(method: Method, ctx: AppContext, params: BaseModel) -> ServedModel:

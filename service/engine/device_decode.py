@@ -18,6 +18,7 @@ is stated in docs/performance.md and tested (tests/test_device_decode.py).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 
@@ -27,6 +28,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from service import imaging
 
+log = logging.getLogger("service.device_decode")
+
 # Pillow's resampling filter -> torch's interpolate mode (antialiased); others fall back to bicubic
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 
@@ -35,15 +38,18 @@ def decode_resize(blobs: Sequence[bytes], size: tuple[int, int], device: torch.d
                   interpolation: str = "bicubic") -> torch.Tensor:
     """JPEG bytes -> (B, H, W, 3) uint8 on `device`, each image squash-resized to size (H, W).
 
-    A JPEG the decoder refuses raises ImageError (422) for the batch; the pool then retries its
-    items one by one, so that only the bad upload fails."""
+    A JPEG the decoder refuses raises ImageError (422) for the batch, in the CPU path's words
+    (imaging.library_words: the decoder's reason, never its source path and line); the pool then
+    retries its items one by one, so that only the bad upload fails, and the API names it among
+    several (service/api/explain.py)."""
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated (TorchCodec)
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as e:
-        raise imaging.ImageError(f"the JPEG could not be decoded: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the decoder raises, the upload is at fault
+        log.info("the device decoder refused a JPEG: %s", e)
+        raise imaging.ImageError(f"the image is truncated or corrupt: {imaging.library_words(e)}") from None
     mode = _MODES.get(interpolation, "bicubic")
     out = torch.empty((len(images), *size, 3), dtype=torch.uint8, device=device)
     for i, img in enumerate(images):  # (3, h, w) uint8, sizes differ
