@@ -19,7 +19,8 @@ process wakes first accept a whole burst of connections, and keep-alive clients 
 - Children leave the parent's process group, so a terminal's Ctrl-C reaches the parent only and
   the children stop in order; on Linux a child gets SIGTERM when the parent dies (PR_SET_PDEATHSIG).
 - Metrics: PROMETHEUS_MULTIPROC_DIR is set to a fresh directory for the children, so any
-  process's /metrics answers for the host (service/metrics.py); it is removed at exit.
+  process's /metrics answers for the host (service/metrics.py); a dead child's files are merged
+  into the totals of the dead and removed (metrics.retire), and the directory is removed at exit.
 """
 
 from __future__ import annotations
@@ -195,10 +196,16 @@ class Supervisor:
 
 
 def _forget(pid: int) -> None:
-    """Drop a dead process's live gauges (queue depth, model status) from the merged metrics."""
-    from prometheus_client import multiprocess
+    """A dead process's metric files: its live gauges (queue depth, model status) dropped, its counts
+    kept in the directory's totals of the dead, its files removed (service/metrics.py retire)."""
+    from service.metrics import retire
 
-    multiprocess.mark_process_dead(pid)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        try:
+            retire(pid, directory)
+        except OSError as e:  # a full disk must not stop the supervisor: the files stay, counted as before
+            log.error("could not merge the metrics of worker pid %d: %s", pid, e)
 
 
 def supervise(settings: Settings) -> int:
