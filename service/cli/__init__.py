@@ -3,11 +3,26 @@ and what they share: exit codes, the refusal they print, atomic writes."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
 
+from service.client import DEADLINE_S  # noqa: F401 - --deadline's default with --server: the client's own
+
 OK, USAGE, UNREACHABLE, REFUSED, FAILED = 0, 2, 3, 4, 5
+
+
+def positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
 
 
 class Refused(Exception):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import requests as rq
-from service.cli import FAILED, OK, REFUSED, UNREACHABLE, USAGE, Refused
+from service.cli import DEADLINE_S, FAILED, OK, REFUSED, UNREACHABLE, USAGE, Refused, positive
 from service.methods.compare import MAX_SETTINGS
 
 
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="with --server: a served model alias; without: a model [ALIAS=]SPEC to load "
                                    "in this process (default: the bundled shapes-vit demo model)")
     p.add_argument("--device", default="cpu", help="device for the in-process engine (default cpu)")
+    p.add_argument("--deadline", type=positive, default=DEADLINE_S, metavar="S",
+                   help="with --server: the longest the comparison may take, from the first connection to the "
+                        "last byte of its answer, retries and their waits included (default 600; the server's "
+                        "own --request-timeout-s ends its work sooner, 60 by default)")
     return p
 
 
@@ -74,7 +78,7 @@ def _remote(args, settings: list[dict[str, Any]]) -> dict[str, Any]:
 
     options = dict(faithfulness_steps=args.faithfulness_steps, removal=args.removal, order=args.order, model=args.model)
     try:
-        with Client(args.server, api_key=args.api_key, retries=5) as c:
+        with Client(args.server, api_key=args.api_key, retries=5, deadline=args.deadline) as c:
             return c.compare(args.image, settings, **options).raw
     except ServiceError as e:
         raise Refused(REFUSED if e.status < 500 else FAILED, f"{args.image}: {e.status}: {e.detail}") from None

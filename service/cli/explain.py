@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.cli import FAILED, OK, REFUSED, UNREACHABLE, USAGE, Refused, write_atomically
+from service.cli import DEADLINE_S, FAILED, OK, REFUSED, UNREACHABLE, USAGE, Refused, positive, write_atomically
 from service.methods import REGISTRY, Method
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -56,22 +55,14 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
                                    "in this process (default: the bundled shapes-vit demo model)")
     p.add_argument("--device", default="cpu", help="device for the in-process engine (default cpu)")
     p.add_argument("--jobs", type=int, default=4, help="requests in flight with --server (default 4)")
-    p.add_argument("--deadline", type=_positive, default=600.0, metavar="S",
-                   help="with --server: longest wait for one image's whole answer, retries included (default 600)")
-    p.add_argument("--max-answer-mb", type=_positive, default=512.0, metavar="MB",
+    p.add_argument("--deadline", type=positive, default=DEADLINE_S, metavar="S",
+                   help="with --server: the longest one image may take, from its first connection to the last "
+                        "byte of its answer, retries and their waits included (default 600; the server's own "
+                        "--request-timeout-s ends its work sooner, 60 by default); past it the image fails")
+    p.add_argument("--max-answer-mb", type=positive, default=512.0, metavar="MB",
                    help="with --server: largest answer taken (default 512)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
-    return value
 
 
 def _method_parser(method: Method) -> argparse.ArgumentParser:
