@@ -38,6 +38,18 @@ def test_a_corrupt_jpeg_is_an_image_error():
         decode_resize([b"\xff\xd8\xff\xe0 definitely not a jpeg \xff\xd9"], (224, 224), torch.device("cpu"))
 
 
+def test_the_decoders_refusal_is_in_the_services_words():
+    """Headers that Pillow opens, no scan data: torchvision refuses it citing its own source file
+    (decode_jpeg.cpp:171); the client is told libjpeg's reason in the CPU path's words, nothing more."""
+    good = jpeg_bytes(smooth_image(1))
+    no_scan = good[: good.index(b"\xff\xda")] + b"\xff\xd9"
+    with pytest.raises(imaging.ImageError) as e:
+        decode_resize([good, no_scan], (224, 224), torch.device("cpu"))
+    text = str(e.value)
+    assert text.startswith("the image is truncated or corrupt: ") and "SOS" in text, text
+    assert ".cpp" not in text and "/" not in text and "decode_jpeg" not in text, text
+
+
 @pytest.fixture(scope="module")
 def servers():
     args = ["--model", f"demo=local-dir:{SHAPES_VIT}", "--max-delay-ms", "20"]

@@ -242,6 +242,46 @@ def test_a_killed_worker_is_replaced(server):
     assert server.proc.poll() is None
 
 
+def _metrics_dir(pid: int) -> str:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return env[b"PROMETHEUS_MULTIPROC_DIR"].decode()
+
+
+def test_killed_workers_leave_their_counts_not_their_files(server):
+    """Three workers killed one after another, each after it answered requests: the metrics
+    directory holds files of the live workers and of the dead (merged) only, and /metrics still
+    counts every request the dead ones answered."""
+    directory = _metrics_dir(min(children(server.proc.pid)))
+
+    def healthz_total() -> float:
+        return _metric(httpx.get(server.url + "/metrics").text, "vit_requests_total", endpoint="/healthz", status="200")
+
+    start, sent = healthz_total(), 0
+    for _ in range(3):
+        served: dict[int, int] = {}
+        while len(served) < 2 or sent < 10:  # fresh connections until both workers answered some
+            pid = httpx.get(server.url + "/healthz").json()["pid"]
+            served[pid] = served.get(pid, 0) + 1
+            sent += 1
+            assert sent < 2000, "every connection went to one worker"
+        victim = min(served)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while True:
+            kids = children(server.proc.pid)
+            if len(kids) == 2 and victim not in kids:
+                break
+            assert time.monotonic() < deadline and server.proc.poll() is None
+            time.sleep(0.3)
+        wait_all_ready(server.url, 2)
+        owners = {name.rsplit("_", 1)[1].removesuffix(".db") for name in os.listdir(directory) if name.endswith(".db")}
+        assert owners <= {str(k) for k in kids} | {"dead"}, (owners, kids)
+        assert len(os.listdir(directory)) <= 4 * 2 + 2 + 1  # four per live worker, two of the dead, the lock
+        assert healthz_total() == start + sent  # whichever worker answers the scrape
+    assert server.proc.poll() is None
+
+
 def read_answer(sock: socket.socket) -> bytes:
     """One whole HTTP answer with a Content-Length body."""
     answer = b""
