@@ -459,6 +459,8 @@ _RAW_TYPES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png
 def _raw_type(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
+    if data[4:8] == b"ftyp":  # an ISO media file: HEIC as phones save it, or AVIF (the server reads which)
+        return "image/avif" if data[8:12] in (b"avif", b"avis") else "image/heic"
     return next((ctype for sig, ctype in _RAW_TYPES if data.startswith(sig)), None)
 
 

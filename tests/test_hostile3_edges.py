@@ -239,6 +239,30 @@ def test_heic_and_avif_are_explained_through_every_body(client, fmt, ctype):
     assert pic.status_code == 200 and picture(pic.content).size == (320, 240)
 
 
+def test_the_client_and_the_cli_send_heic_and_avif(server, tmp_path):
+    """The client sends a HEIC (AVIF) as a raw body of its type; the CLI takes them from a folder,
+    through the server and in process; every door answers the mask of the decoded pixels."""
+    from service import client as client_module
+    from service.client import Client
+
+    d = tmp_path / "phone"
+    d.mkdir()
+    for fmt, ext, ctype in (("HEIF", ".heic", "image/heic"), ("AVIF", ".avif", "image/avif")):
+        data = _heif(smooth_image(13, (200, 150)), fmt)
+        (d / f"x{ext[1:]}{ext}").write_bytes(data)
+        assert client_module._raw_type(data) == ctype
+    with Client(server) as c:
+        want = {p.name: c.rollout(png_bytes(picture(p.read_bytes()).convert("RGB"))).mask for p in d.iterdir()}
+        for p in d.iterdir():
+            np.testing.assert_allclose(c.rollout(p).mask, want[p.name], atol=1e-6)
+    for extra in (["--server", server], ["--model", f"demo=local-dir:{SHAPES_VIT}"]):
+        out = tmp_path / f"out{len(extra[1])}"
+        assert cli_explain.main([str(d), *extra, "-o", str(out), "--format", "json", "--quiet"]) == 0
+        for p in d.iterdir():
+            got = json.loads((out / f"{p.stem}.json").read_text())["mask"]
+            np.testing.assert_allclose(got, want[p.name], atol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
 def test_a_heic_or_avif_over_the_pixel_limit_is_refused_before_decoding(client, fmt, monkeypatch):
     data = _heif(Image.new("RGB", (600, 600), (9, 9, 9)), fmt)

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from service.cli import DEADLINE_S, FAILED, OK, REFUSED, UNREACHABLE, USAGE, Refused, positive, write_atomically
 from service.methods import REGISTRY, Method
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 SUFFIX_FORMATS = {".png": "png", ".json": "json", ".gif": "gif", ".apng": "apng", ".jpg": "jpeg", ".jpeg": "jpeg",
                   ".webp": "webp"}
 EXTENSIONS = {"png": ".png", "json": ".json", "gif": ".gif", "apng": ".png", "jpeg": ".jpg", "webp": ".webp"}
