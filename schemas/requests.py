@@ -62,7 +62,7 @@ def max_side(default: int = 1024) -> Any:
     """The `max_side` field of answers drawn over the upload."""
     return Field(default, ge=0, le=MAX_SIDE, description="longest side of the picture answer in pixels "
                  "(the upload is never enlarged); 0 keeps the upload's size; never past the format's own limit "
-                 "(webp 16383, jpeg 65500, gif 65535)")
+                 "(webp 16383, jpeg 65500, gif 65535, png 1000000)")
 
 
 def below(bound: Bound, default: Any = ..., description: str = "", when: dict[str, list[Any]] | None = None) -> Any:

@@ -84,13 +84,23 @@ def test_each_encoder_writes_its_limit_and_not_one_pixel_more(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["png", "apng"])
-def test_png_has_no_limit_below_any_upload(fmt):
-    """PNG's sides are 31-bit: 70000 x 2 (past every other format's limit) is written as it is."""
-    assert imaging.MAX_SIDES[fmt] == 2**31 - 1
-    arr = np.zeros((2, 70000, 3), np.uint8)
+def test_png_stops_where_libpngs_readers_do(fmt):
+    """PNG's own sides are 31-bit; the service stops at libpng's default reader limit, 1,000,000
+    (schemas/media.py says why), and writes that much."""
+    assert imaging.MAX_SIDES[fmt] == 1_000_000
+    arr = np.zeros((2, imaging.MAX_SIDES[fmt], 3), np.uint8)
     arr[0, :, 1] = 200
     got = picture(_encode(fmt, arr))
-    assert got.size == (70000, 2) and np.asarray(got.convert("RGB"))[0, 5, 1] == 200
+    assert got.size == (imaging.MAX_SIDES[fmt], 2) and np.asarray(got.convert("RGB"))[0, -1, 1] == 200
+
+
+def test_a_canvas_row_is_never_longer_than_the_png_limit():
+    """The thinnest upload the default pixel limit lets through, 40,000,000 x 1, drawn at max_side=0:
+    its canvas row is at most 1,000,000 px, each a chunk the deadline check comes between."""
+    for method in PICTURE_METHODS:
+        for fmt in [f for f in method.formats if f != "json"]:
+            canvas = method.canvas(_params(method, format=fmt, max_side=0))
+            assert max(imaging.canvas_size((40_000_000, 1), canvas)) <= 1_000_000
 
 
 def _params(method, **fields):
