@@ -282,3 +282,130 @@ def montage(tile_img: Image.Image, maps: np.ndarray, gap: int = 4) -> np.ndarray
         r, c = divmod(i, cols)
         sheet[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = heatmap(tile_img, m)
     return sheet
+
+
+# -- transformers classifiers (service/hf_models.py), from the definition -------------------------
+_HF_REFERENCE = "vit_explain_reference"
+_HF_RECORD: list = []  # the running HFReference's stores, innermost last
+
+
+def _hf_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """softmax(q k^T * scaling + mask) in the inputs' dtype (float64 here; transformers' eager attention would
+    take its softmax in float32), recorded where the model applies it, then times v."""
+    scores = (query @ key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:  # BEiT: the relative position bias
+        scores = scores + attention_mask
+    attn = scores.softmax(dim=-1)
+    if _HF_RECORD:
+        store = _HF_RECORD[-1]
+        store["attn"].append(attn)
+        store["q"].append(query)
+        store["k"].append(key)
+    return (attn @ value).transpose(1, 2), None
+
+
+class HFReference(Reference):
+    """The float64 maps of a transformers classifier (an HFClassifier: `.hf`, `.input_config`, logits out).
+
+    The explained row: the class token's row where the head reads the class token (ViT, DeiT, DINOv2),
+    the mean of the patch tokens' rows, class token excluded, where it pools them (BEiT's mean pooling).
+    Per-layer attention of a pooled model: per head, the mean of the patch rows. Prefix tokens are the
+    tokens before the gh x gw patches, gh, gw = input size / patch size."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(_HF_REFERENCE, _hf_reference_attention)
+        self.model = copy.deepcopy(model).double().eval()
+        self.model.hf.set_attn_implementation(_HF_REFERENCE)
+        cfg = self.model.hf.config
+        p = cfg.patch_size
+        h, w = self.model.input_config["size"]
+        self.grid = (h // p, w // p)
+        self.pooled = cfg.model_type == "beit" and cfg.use_mean_pooling
+        self._store = {"attn": [], "q": [], "k": []}
+        self._attn, self._q, self._k = self._store["attn"], self._store["q"], self._store["k"]
+        with torch.no_grad(), self._recording():
+            self.model(torch.zeros(1, 3, h, w, dtype=torch.float64))
+        self.prefix = self._attn[0].shape[-1] - self.grid[0] * self.grid[1]
+        base = self.model.hf.base_model
+        self.blocks = getattr(base, "layers", None) or getattr(base.encoder, "layers", None) or base.encoder.layer
+
+    def _recording(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def rec():
+            for s in self._store.values():
+                s.clear()
+            _HF_RECORD.append(self._store)
+            try:
+                yield
+            finally:
+                _HF_RECORD.pop()
+
+        return rec()
+
+    def run(self, x: torch.Tensor, category: int | None = None) -> Captured:
+        with self._recording():
+            self.model.requires_grad_(category is not None)
+            with torch.set_grad_enabled(category is not None):
+                logits = self.model(x[None].double())[0]
+            attn = list(self._attn)
+            grads = None
+            if category is not None:
+                grads = [g[0] for g in torch.autograd.grad(logits[category], attn)]
+            return Captured(logits=logits.detach(), attn=[a.detach()[0] for a in attn],
+                            q=[q.detach()[0] for q in self._q], k=[k.detach()[0] for k in self._k], grads=grads)
+
+    def _row(self, r: torch.Tensor) -> torch.Tensor:
+        """The explained row of an (N, N) matrix."""
+        return r[self.prefix :].mean(0) if self.pooled else r[0]
+
+    def _rollout(self, weights: list[torch.Tensor], start_layer: int = 0) -> np.ndarray:
+        n = weights[0].shape[0]
+        eye = torch.eye(n, dtype=torch.float64)
+        r = eye.clone()
+        for w in weights[start_layer:]:
+            a = w + eye
+            r = (a / a.sum(dim=-1, keepdim=True)) @ r
+        return self._mask(self._row(r))
+
+    def gae(self, c: Captured, start_layer: int = 0) -> np.ndarray:
+        n = c.attn[0].shape[-1]
+        r = torch.eye(n, dtype=torch.float64)
+        for a, g in list(zip(c.attn, c.grads))[start_layer:]:
+            r = r + (g * a).clamp(min=0).mean(0) @ r
+        return self._mask(self._row(r))
+
+    def attention(self, c: Captured, head) -> np.ndarray:
+        maps = []
+        for a in c.attn:
+            rows = a[:, self.prefix :].mean(1) if self.pooled else a[:, 0]  # (H, N)
+            row = rows[head] if isinstance(head, int) else fuse(rows, head)
+            m = row[self.prefix :].reshape(self.grid)
+            maps.append((m / m.max()).numpy())
+        return np.stack(maps)
+
+    def unit(self, x: torch.Tensor, target: str, category_id: int = 0, layer: int = 0, head: int = 0,
+             channel: int = 0) -> tuple[float, torch.Tensor]:
+        cfg = self.model.input_config
+        mean = torch.tensor(cfg["mean"], dtype=torch.float64)[:, None, None]
+        std = torch.tensor(cfg["std"], dtype=torch.float64)[:, None, None]
+        px = x.double().clone().requires_grad_(True)
+        out = {}
+        hook = self.blocks[layer].register_forward_hook(lambda m, i, o: out.setdefault("features", o))
+        try:
+            with self._recording(), torch.enable_grad():
+                logits = self.model(((px - mean) / std)[None])[0]
+                if target == "class":
+                    value = logits[category_id]
+                elif target == "features":
+                    value = out["features"][0, self.prefix :, channel].mean()
+                else:
+                    t = (self._q if target == "q" else self._k)[layer][0]  # (H, N, D)
+                    value = t[head, self.prefix :, channel].mean()
+                (grad,) = torch.autograd.grad(value, px)
+        finally:
+            hook.remove()
+        return float(value.detach()), grad

@@ -1,0 +1,261 @@
+"""Hugging Face `transformers` classifiers as a second model source (service/hf_models.py) and their
+attention adapter (service/engine/hf_attention.py), against the float64 reference (tests/reference.py).
+
+Tiny random-weight models of every family, built offline from a config and saved with save_pretrained
+beside a ViTImageProcessor's preprocessor_config.json."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from service import hf_models, models  # noqa: E402
+from service.engine import capture as capture_module  # noqa: E402
+from service.engine import hf_attention  # noqa: E402
+from tests import reference as ref  # noqa: E402
+
+SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_labels=5)
+VIT_LIKE = dict(SMALL, intermediate_size=64, image_size=32, patch_size=8)
+DINO = dict(SMALL, mlp_ratio=2, image_size=32, patch_size=8)
+
+# name -> (model class, config class, config kwargs): every family the transformers source serves
+FAMILIES = {
+    "vit": ("ViTForImageClassification", "ViTConfig", VIT_LIKE),
+    "deit-teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", VIT_LIKE),
+    "deit": ("DeiTForImageClassification", "DeiTConfig", VIT_LIKE),
+    "beit": ("BeitForImageClassification", "BeitConfig", dict(VIT_LIKE, use_relative_position_bias=True)),
+    "dinov2": ("Dinov2ForImageClassification", "Dinov2Config", DINO),
+    "dinov2-reg": ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig",
+                   dict(DINO, num_register_tokens=4)),
+}
+PREFIX = {"vit": 1, "deit-teacher": 2, "deit": 2, "beit": 1, "dinov2": 1, "dinov2-reg": 5}
+
+
+def save(family: str, root: Path, seed: int = 0, **processor) -> Path:
+    """A random-weight model of `family` saved the way save_pretrained writes it, its image processor beside."""
+    model_cls, config_cls, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    _randomise(hf, seed)
+    folder = root / family
+    hf.save_pretrained(folder)
+    size = kwargs["image_size"]
+    transformers.ViTImageProcessor(size={"height": size, "width": size}, **processor).save_pretrained(folder)
+    return folder
+
+
+def _randomise(hf: torch.nn.Module, seed: int) -> None:
+    """Weights that make every part count: transformers initialises biases, BEiT's relative position
+    table and DeiT's tokens to zero, which would hide a capture that skips them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 1 and "norm" not in name or "relative_position" in name or "token" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {f: save(f, root, seed=i) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="module")
+def hf_models_(hf_dirs) -> dict[str, hf_models.HFClassifier]:
+    return {f: models.create(models.ModelSpec.parse(f"{f}=transformers:{d}")) for f, d in hf_dirs.items()}
+
+
+def inputs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size): model inputs with structure (not only noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, size // 8, size // 8, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") + \
+        0.3 * torch.randn(n, 3, size, size, generator=g)
+
+
+# -- the source: specs, loading, preprocessing ------------------------------------------------------
+def test_a_transformers_spec_names_its_source_and_alias():
+    s = models.ModelSpec.parse("transformers:google/vit-base-patch16-224")
+    assert (s.alias, s.source, s.uses_hub) == ("vit-base-patch16-224", "transformers", True)
+    s = models.ModelSpec.parse("mine=transformers:/srv/models/vit")
+    assert (s.alias, s.source, s.uses_hub) == ("mine", "transformers", False)
+    assert models.ModelSpec.parse("deit_tiny_patch16_224").source == "timm"
+
+
+@pytest.mark.parametrize("text", ["x=onnx:/m/model.onnx", "torchhub:facebookresearch/dino", "Transformer:/m"])
+def test_an_unknown_source_is_refused_naming_the_known_ones(text):
+    with pytest.raises(ValueError, match="unknown model source.*hf-hub:, local-dir:, transformers:"):
+        models.ModelSpec.parse(text)
+
+
+def test_serve_exits_2_on_an_unknown_source():
+    from service.cli import serve
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert serve.main(["--model", "x=onnx:/m/model.onnx", "--port", "1"]) == 2
+    assert "unknown model source 'onnx'" in err.getvalue() and "transformers:" in err.getvalue()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_loads_with_its_parts(hf_models_, family):
+    m = hf_models_[family]
+    a = hf_models.anatomy(m)
+    assert a.grid == (4, 4) and a.prefix == PREFIX[family] and len(a.blocks) == 3 and a.heads == 2
+    assert a.pooling == ("avg" if family == "beit" else "token")
+    assert m.hf.config._attn_implementation == hf_attention.ATTN_IMPLEMENTATION
+    assert models.class_labels(m) == [f"LABEL_{i}" for i in range(5)]
+
+
+def test_labels_come_from_id2label(tmp_path):
+    folder = save("vit", tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["id2label"] = {str(i): f"kind {i}" for i in range(5)}
+    cfg["label2id"] = {f"kind {i}": i for i in range(5)}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    m = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
+    assert models.class_labels(m) == [f"kind {i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("processor", [
+    dict(image_mean=[0.3, 0.4, 0.5], image_std=[0.2, 0.25, 0.3]),
+    dict(rescale_factor=2 / 255, image_mean=[0.9, 1.0, 1.1], image_std=[0.5, 0.6, 0.7]),
+    dict(do_normalize=False),
+])
+def test_preprocessing_equals_the_image_processors(tmp_path, processor):
+    """The engine's x / 255 then (x - mean) / std, with the rescale factor folded in, gives what the
+    model's own image processor gives for the same pixels at the input size."""
+    from service.engine.engine import Engine
+
+    folder = save("vit", tmp_path, **processor)
+    m = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
+    pre = models.Preprocess.from_model(m)
+    assert pre.size == (32, 32) and pre.interpolation == "bilinear"
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    want = transformers.ViTImageProcessor.from_pretrained(folder)(list(pixels), do_resize=False,
+                                                                  return_tensors="pt")["pixel_values"]
+    got = Engine(m, torch.device("cpu")).prepare(torch.from_numpy(pixels)) if _engine_takes_transformers() else \
+        ((torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - torch.tensor(pre.mean)[:, None, None])
+         / torch.tensor(pre.std)[:, None, None])
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def test_the_crop_size_is_the_input_size(tmp_path):
+    folder = save("vit", tmp_path)
+    cfg = json.loads((folder / "preprocessor_config.json").read_text())
+    cfg.update(do_center_crop=True, crop_size={"height": 32, "width": 32}, size={"shortest_edge": 40}, resample=3)
+    (folder / "preprocessor_config.json").write_text(json.dumps(cfg))
+    pre = models.Preprocess.from_model(models.create(models.ModelSpec.parse(f"transformers:{folder}")))
+    assert pre.size == (32, 32) and pre.interpolation == "bicubic"
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+def _refused(folder: Path, match: str) -> None:
+    with pytest.raises(hf_models.Refused, match=match):
+        models.create(models.ModelSpec.parse(f"transformers:{folder}"))
+
+
+def test_a_folder_without_config_or_weights_or_processor_is_refused(tmp_path):
+    folder = save("vit", tmp_path)
+    _refused(tmp_path / "missing", "no such folder")
+    (folder / "model.safetensors").rename(tmp_path / "weights")
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    _refused(folder, r"no safetensors weights .*pickled weights \(pytorch_model.bin\) are never loaded")
+    (tmp_path / "weights").rename(folder / "model.safetensors")
+    (folder / "preprocessor_config.json").rename(tmp_path / "pre")
+    _refused(folder, "no preprocessor_config.json")
+    (tmp_path / "pre").rename(folder / "preprocessor_config.json")
+    (folder / "config.json").unlink()
+    _refused(folder, "no config.json")
+
+
+@pytest.mark.parametrize("file", ["config.json", "preprocessor_config.json"])
+def test_a_config_that_needs_remote_code_is_refused_and_runs_nothing(tmp_path, file):
+    folder = save("vit", tmp_path)
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                    "from transformers import ViTForImageClassification as Evil\n")
+    cfg = json.loads((folder / file).read_text())
+    cfg["auto_map"] = {"AutoModelForImageClassification": "evil.Evil"}
+    (folder / file).write_text(json.dumps(cfg))
+    _refused(folder, "auto_map.*never runs code.*trust_remote_code")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("archs, match", [
+    (["SwinForImageClassification"], "no attention adapter for SwinForImageClassification.*ViTForImageClassification"),
+    (["ConvNextForImageClassification"], "no attention adapter for ConvNextForImageClassification"),
+    (["ViTForImageClassification", "ViTModel"], "one model class"),
+    (None, "one model class"),
+])
+def test_a_family_without_an_adapter_is_refused(tmp_path, archs, match):
+    folder = save("vit", tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = archs
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _refused(folder, match)
+
+
+def test_without_transformers_the_model_is_refused_with_the_install_command(tmp_path, monkeypatch):
+    folder = save("vit", tmp_path)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    _refused(folder, r"transformers package is not installed.*pip install '\.\[transformers\]'")
+
+
+# -- the adapter: the attention the model used, against the float64 reference --------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_adapter_captures_the_attention_the_model_applies(hf_models_, family):
+    """Kept whole and taken image by image, the captured attention is softmax(q k^T * scale + bias) as the
+    reference computes it in float64 (BEiT's relative position bias included), and capturing changes
+    no logit."""
+    import copy
+
+    m = copy.deepcopy(hf_models_[family])
+    a = hf_models.anatomy(m)
+    hf_attention.install(a.attention, a.blocks)
+    r = ref.HFReference(m)
+    x = inputs(3, seed=1)
+    layers = frozenset(range(len(a.blocks)))
+    with torch.no_grad():
+        plain = m(x)
+        with capture_module.capture(attn_layers=layers, qk_layers=layers) as kept:
+            logits = m(x)
+        taken: dict = {}
+        with capture_module.capture(attn_layers=layers, take=lambda b, rows, t: taken.setdefault(b, []).append(t)):
+            m(x)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+    for i in range(3):
+        c = r.run(x[i])
+        torch.testing.assert_close(logits[i].double(), c.logits, atol=1e-4, rtol=0)
+        for b in layers:
+            torch.testing.assert_close(kept.attn[b][i].double(), c.attn[b], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.cat(taken[b])[i].double(), c.attn[b], atol=1e-5, rtol=0)
+            torch.testing.assert_close(kept.q[b][i].double(), c.q[b], atol=1e-5, rtol=0)
+            torch.testing.assert_close(kept.k[b][i].double(), c.k[b], atol=1e-5, rtol=0)
+
+
+def _engine_takes_transformers() -> bool:
+    """Whether the engine serves transformers models yet (the adapter table's registration)."""
+    return False
+
+
+def test_a_copied_folder_loads_the_same_model(hf_dirs, tmp_path):
+    """The folder is all there is: a copy elsewhere loads to the same logits."""
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(hf_dirs["beit"], copy_dir)
+    a = models.create(models.ModelSpec.parse(f"transformers:{hf_dirs['beit']}"))
+    b = models.create(models.ModelSpec.parse(f"transformers:{copy_dir}"))
+    x = inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
