@@ -259,3 +259,33 @@ def test_a_copied_folder_loads_the_same_model(hf_dirs, tmp_path):
     x = inputs(2)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
+
+
+def test_the_pool_serves_the_others_when_transformers_models_cannot_load(hf_dirs, model_dirs, tmp_path,
+                                                                          monkeypatch):
+    """Each refusal makes that model unavailable with its reason; the timm model beside them is served."""
+    import asyncio
+    import sys
+
+    from service.pool import ModelPool
+
+    swin = tmp_path / "swin"
+    shutil.copytree(hf_dirs["vit"], swin)
+    cfg = json.loads((swin / "config.json").read_text())
+    (swin / "config.json").write_text(json.dumps({**cfg, "architectures": ["SwinForImageClassification"]}))
+    specs = [models.ModelSpec.parse(s) for s in (
+        f"swin=transformers:{swin}", f"empty=transformers:{tmp_path}",
+        f"deit=local-dir:{model_dirs['vit_small_patch32_224']}",
+    )]
+    pool = ModelPool(specs, [torch.device("cpu")])
+    asyncio.run(pool.load_all())
+    status = {n: (m.status, m.reason) for n, m in pool.models.items()}
+    assert status["deit"][0] == "ready" and pool.default.name == "deit"
+    assert status["swin"][0] == "unavailable"
+    assert "no attention adapter for SwinForImageClassification" in status["swin"][1]
+    assert status["empty"][0] == "unavailable" and "no config.json" in status["empty"][1]
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    pool = ModelPool([models.ModelSpec.parse(f"vit=transformers:{hf_dirs['vit']}")], [torch.device("cpu")])
+    asyncio.run(pool.load_all())
+    vit = pool.models["vit"]
+    assert vit.status == "unavailable" and "pip install '.[transformers]'" in vit.reason
