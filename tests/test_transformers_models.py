@@ -289,3 +289,16 @@ def test_the_pool_serves_the_others_when_transformers_models_cannot_load(hf_dirs
     asyncio.run(pool.load_all())
     vit = pool.models["vit"]
     assert vit.status == "unavailable" and "pip install '.[transformers]'" in vit.reason
+
+
+def test_a_hub_id_offline_and_not_cached_is_unavailable_with_the_reason(tmp_path, monkeypatch):
+    import asyncio
+
+    from service.pool import ModelPool
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    pool = ModelPool([models.ModelSpec.parse("transformers:nobody/no-such-vit")], [torch.device("cpu")])
+    asyncio.run(pool.load_all())
+    m = pool.models["no-such-vit"]
+    assert m.status == "unavailable" and "not in the local Hugging Face cache" in m.reason, m.reason
