@@ -96,6 +96,11 @@ class Preprocess:
         _, h, w = cfg["input_size"]
         return cls(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"])
 
+    @classmethod
+    def from_anatomy(cls, anatomy) -> Preprocess:
+        """From what the engine read of the model (service/engine/adapters.Anatomy), whatever its source."""
+        return cls(size=anatomy.input_size, mean=anatomy.mean, std=anatomy.std, interpolation=anatomy.interpolation)
+
     @property
     def resample(self) -> Image.Resampling:
         return _INTERPOLATIONS.get(self.interpolation, Image.Resampling.BICUBIC)

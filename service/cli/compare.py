@@ -101,7 +101,7 @@ def _local(args, settings: list[dict[str, Any]]) -> dict[str, Any]:
         raise Refused(USAGE, f"--faithfulness-steps must be 1 to {rq.MAX_FAITHFULNESS_STEPS}")
     try:
         chosen = cmp.validate([(s["method"], s["params"]) for s in settings], engine.shape)
-        target = models.Preprocess.from_model(model).target()
+        target = models.Preprocess.from_anatomy(engine.anatomy).target()
         x = torch.from_numpy(imaging.prepare(args.image.read_bytes(), 40_000_000, target).pixels)  # (H, W, 3) uint8
     except (cmp.BadSettings, imaging.ImageError) as e:
         raise Refused(REFUSED, f"{args.image}: {e}") from None

@@ -195,7 +195,7 @@ class Local:
         spec = models.ModelSpec.parse(spec or DEFAULT_MODELS[-1])
         model = models.create(spec)
         self.engine = Engine(model, torch.device(device), name=spec.alias)
-        self.preprocess = models.Preprocess.from_model(model)
+        self.preprocess = models.Preprocess.from_anatomy(self.engine.anatomy)
 
     def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress,
             target: Path | None) -> bytes:
