@@ -17,7 +17,7 @@ What is read, and what is refused (each a `Refused` whose message is the model's
 
 `transformers` is an optional extra (`pip install '.[transformers]'`); without it such a model is
 refused with that command and the service serves the others. The model runs its attention through
-`transformers.AttentionInterface` under the name `ATTN_IMPLEMENTATION` (service/engine/hf_attention.py),
+`transformers.AttentionInterface` under the adapter's name (service/engine/adapters/transformers_models.py),
 which computes the attention written out where a capture asks for it and SDPA otherwise.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,22 +55,6 @@ class Refused(ValueError):
     """This checkpoint cannot be served; the message says why (and what to do)."""
 
 
-@dataclass(frozen=True)
-class Anatomy:
-    """What the engine needs to know of a transformers classifier (the names of its parts, its tokens)."""
-
-    family: str
-    blocks: list[nn.Module]  # the encoder layers, in order
-    attention: list[nn.Module]  # each layer's self-attention module (it calls the attention interface)
-    grid: tuple[int, int]  # (gh, gw) patches at the input size
-    prefix: int  # tokens before the patches: class, then distillation or register tokens
-    pooling: str  # "token" or "avg"
-    heads: int
-    head_dim: int
-    embed_dim: int
-    patch_size: tuple[int, int]
-
-
 class HFClassifier(nn.Module):
     """A transformers image classifier as the engine calls a model: pixels (B, 3, H, W) -> logits (B, C).
 
@@ -88,10 +71,6 @@ class HFClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hf(pixel_values=x).logits
 
-    @property
-    def anatomy(self) -> Anatomy:
-        return anatomy(self)
-
 
 def transformers_module():
     """The installed `transformers`, or Refused naming the install command."""
@@ -103,7 +82,8 @@ def transformers_module():
 
 def load(ref: str) -> HFClassifier:
     """`transformers:` SPEC without its prefix (a folder or a hub id) -> the model in eval mode, or Refused."""
-    from service.engine import hf_attention
+    from service.engine import adapters
+    from service.engine.adapters import transformers_models as adapter
 
     transformers = transformers_module()
     folder = _folder(ref)
@@ -122,15 +102,15 @@ def load(ref: str) -> HFClassifier:
     cls = getattr(transformers, arch, None)
     if cls is None:
         raise Refused(f"the installed transformers {transformers.__version__} has no {arch}")
-    hf_attention.register()
+    adapter.register()
     hf = cls.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False, local_files_only=True,
-                             attn_implementation=hf_attention.ATTN_IMPLEMENTATION).eval()
+                             attn_implementation=adapter.ATTN_IMPLEMENTATION).eval()
     pre = preprocess(processor)
     n = int(hf.config.num_labels)
     id2label = {int(k): str(v) for k, v in (hf.config.id2label or {}).items()}
     labels = [id2label.get(i, f"class {i}") for i in range(n)]
     model = HFClassifier(hf, pre, labels, ref).eval()
-    anatomy(model)  # the parts the engine needs are there (Refused otherwise)
+    adapters.describe(model)  # the parts the engine needs are there (UnsupportedModel otherwise)
     return model
 
 
@@ -212,42 +192,3 @@ def _triple(v, name: str) -> tuple[float, float, float]:
     if not isinstance(v, (list, tuple)) or len(v) != 3:
         raise Refused(f"preprocessor_config.json: {name} must be 3 numbers, not {v!r}")
     return tuple(float(x) for x in v)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
-
-
-def anatomy(model: HFClassifier) -> Anatomy:
-    """The parts of a transformers classifier of `FAMILIES`: blocks, attention modules, grid, prefix, pooling."""
-    hf = model.hf
-    arch = type(hf).__name__
-    if arch not in FAMILIES:
-        raise Refused(f"no attention adapter for {arch}")
-    cfg = hf.config
-    base = hf.base_model
-    # the encoder's layers (ViT, DeiT: base.layers; BEiT: base.encoder.layers; DINOv2: base.encoder.layer)
-    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == cfg.num_hidden_layers]
-    if not lists:
-        raise Refused(f"{arch}: no list of {cfg.num_hidden_layers} encoder layers found")
-    blocks = list(lists[0])
-    attention = []
-    for i, blk in enumerate(blocks):
-        found = [m for m in blk.modules() if hasattr(m, "q_proj") and hasattr(m, "num_attention_heads")]
-        if len(found) != 1:
-            raise Refused(f"{arch} block {i}: expected one self-attention module, found {len(found)}")
-        attention.append(found[0])
-    emb = base.embeddings
-    registers = getattr(emb, "register_tokens", None)
-    prefix = 1 + int(getattr(emb, "distillation_token", None) is not None)
-    prefix += int(registers.shape[1]) if registers is not None else 0
-    patch = _pair(cfg.patch_size)
-    h, w = model.input_config["size"]
-    if h % patch[0] or w % patch[1]:
-        raise Refused(f"the input size {h}x{w} is not a whole number of {patch[0]}x{patch[1]} patches")
-    pooling = "avg" if FAMILIES[arch] == "beit" and getattr(cfg, "use_mean_pooling", True) else "token"
-    return Anatomy(
-        family=FAMILIES[arch], blocks=blocks, attention=attention, grid=(h // patch[0], w // patch[1]),
-        prefix=prefix, pooling=pooling, heads=int(attention[0].num_attention_heads),
-        head_dim=int(attention[0].head_dim), embed_dim=int(cfg.hidden_size), patch_size=patch,
-    )

@@ -19,8 +19,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from service import hf_models, models  # noqa: E402
+from service.engine import adapters  # noqa: E402
 from service.engine import capture as capture_module  # noqa: E402
-from service.engine import hf_attention  # noqa: E402
+from service.engine.adapters import transformers_models as adapter  # noqa: E402
 from tests import reference as ref  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_labels=5)
@@ -109,10 +110,12 @@ def test_serve_exits_2_on_an_unknown_source():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_loads_with_its_parts(hf_models_, family):
     m = hf_models_[family]
-    a = hf_models.anatomy(m)
+    a = adapters.describe(m)
     assert a.grid == (4, 4) and a.prefix == PREFIX[family] and len(a.blocks) == 3 and a.heads == 2
-    assert a.pooling == ("avg" if family == "beit" else "token")
-    assert m.hf.config._attn_implementation == hf_attention.ATTN_IMPLEMENTATION
+    assert a.pooling == ("avg" if family == "beit" else "token") and a.source == "transformers"
+    labels = tuple(f"LABEL_{i}" for i in range(5))
+    assert (a.input_size, a.labels, a.embed_dim, a.head_dim) == ((32, 32), labels, 32, 16)
+    assert m.hf.config._attn_implementation == adapter.ATTN_IMPLEMENTATION
     assert models.class_labels(m) == [f"LABEL_{i}" for i in range(5)]
 
 
@@ -143,9 +146,7 @@ def test_preprocessing_equals_the_image_processors(tmp_path, processor):
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     want = transformers.ViTImageProcessor.from_pretrained(folder)(list(pixels), do_resize=False,
                                                                   return_tensors="pt")["pixel_values"]
-    got = Engine(m, torch.device("cpu")).prepare(torch.from_numpy(pixels)) if _engine_takes_transformers() else \
-        ((torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - torch.tensor(pre.mean)[:, None, None])
-         / torch.tensor(pre.std)[:, None, None])
+    got = Engine(m, torch.device("cpu")).prepare(torch.from_numpy(pixels))
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
 
 
@@ -222,8 +223,8 @@ def test_the_adapter_captures_the_attention_the_model_applies(hf_models_, family
     import copy
 
     m = copy.deepcopy(hf_models_[family])
-    a = hf_models.anatomy(m)
-    hf_attention.install(a.attention, a.blocks)
+    a = adapters.describe(m)
+    capture_module.install(a)
     r = ref.HFReference(m)
     x = inputs(3, seed=1)
     layers = frozenset(range(len(a.blocks)))
@@ -243,11 +244,6 @@ def test_the_adapter_captures_the_attention_the_model_applies(hf_models_, family
             torch.testing.assert_close(torch.cat(taken[b])[i].double(), c.attn[b], atol=1e-5, rtol=0)
             torch.testing.assert_close(kept.q[b][i].double(), c.q[b], atol=1e-5, rtol=0)
             torch.testing.assert_close(kept.k[b][i].double(), c.k[b], atol=1e-5, rtol=0)
-
-
-def _engine_takes_transformers() -> bool:
-    """Whether the engine serves transformers models yet (the adapter table's registration)."""
-    return False
 
 
 def test_a_copied_folder_loads_the_same_model(hf_dirs, tmp_path):
@@ -302,3 +298,215 @@ def test_a_hub_id_offline_and_not_cached_is_unavailable_with_the_reason(tmp_path
     asyncio.run(pool.load_all())
     m = pool.models["no-such-vit"]
     assert m.status == "unavailable" and "not in the local Hugging Face cache" in m.reason, m.reason
+
+
+# -- every method through the engine, against the reference --------------------------------------------
+def _job(name, **kw):
+    from service.methods import job
+
+    return job(name, **kw)
+
+
+RATIOS = [0.0, 0.5, 0.9]
+FUSIONS = ["mean", "max", "min"]
+
+
+def tol(ratio: float, grad: bool = False) -> float:
+    return 1e-4 if ratio == 0 else (5e-3 if grad else 3e-3)
+
+
+@pytest.fixture(scope="module")
+def setups(hf_models_):
+    """Per family: a CPU Engine, the float64 HFReference of the same weights, 3 inputs."""
+    import copy
+
+    from service.engine.engine import Engine
+
+    return {f: (Engine(copy.deepcopy(m), torch.device("cpu"), name=f), ref.HFReference(m), inputs(3, seed=2))
+            for f, m in hf_models_.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rollout_and_layer_attention_match_the_reference(setups, family):
+    engine, r, x = setups[family]
+    assert (engine.shape.prefix, engine.shape.grid, engine.shape.pooling) == \
+        (PREFIX[family], (4, 4), "avg" if family == "beit" else "token")
+    for fusion in FUSIONS:
+        jobs = [_job("rollout", head_fusion=fusion, discard_ratio=ratio, start_layer=s)
+                for ratio, s in zip(RATIOS, (0, 1, 0))]
+        for i, (j, res) in enumerate(zip(jobs, engine.run(x, jobs))):
+            want = r.rollout(r.run(x[i]), fusion, j.params.discard_ratio, j.params.start_layer)
+            np.testing.assert_allclose(res.maps, want, atol=tol(j.params.discard_ratio), rtol=0)
+    heads = [0, 1, "mean", "max", "min"]
+    c0 = r.run(x[0])
+    for h, res in zip(heads, engine.run(x[[0] * len(heads)], [_job("attention", head=h) for h in heads])):
+        np.testing.assert_allclose(res.maps, r.attention(c0, h), atol=1e-4, rtol=0)
+    qks = [_job("qk", layer=0, head=0, channel=0, which="q"), _job("qk", layer=2, head=1, channel=15, which="k")]
+    for j, res in zip(qks, engine.run(x[[1, 1]], qks)):
+        p = j.params
+        np.testing.assert_allclose(res.maps, r.qk(r.run(x[1]), p.layer, p.head, p.channel, p.which), atol=1e-4)
+    (res,) = engine.run(x[2:3], [_job("predict")])
+    want = r.predictions(r.run(x[2]))
+    assert [p.class_id for p in res.predictions] == [c for c, _ in want]
+    np.testing.assert_allclose([p.score for p in res.predictions], [s for _, s in want], rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_methods_match_the_reference(setups, family):
+    """Gradient rollout and GAE differentiate the model's output logit: for a DeiT with teacher, the mean of
+    its two heads."""
+    engine, r, x = setups[family]
+    cats = [0, 3, 4]
+    captured = [r.run(x[i], category=c) for i, c in enumerate(cats)]
+    for fusion in FUSIONS:
+        jobs = [_job("grad-rollout", category_id=c, head_fusion=fusion, discard_ratio=ratio)
+                for c, ratio in zip(cats, RATIOS)]
+        for i, (j, res) in enumerate(zip(jobs, engine.run(x, jobs))):
+            want = r.grad_rollout(captured[i], fusion, j.params.discard_ratio)
+            np.testing.assert_allclose(res.maps, want, atol=tol(j.params.discard_ratio, grad=True), rtol=0)
+    jobs = [_job("gae", category_id=c, start_layer=s) for c, s in zip(cats, (0, 1, 2))]
+    for i, (j, res) in enumerate(zip(jobs, engine.run(x, jobs))):
+        np.testing.assert_allclose(res.maps, r.gae(captured[i], j.params.start_layer), atol=1e-4, rtol=0)
+
+
+MIXED = [
+    ("rollout", dict(head_fusion="max", discard_ratio=0.9)), ("grad-rollout", dict(category_id=3)),
+    ("attention", dict(head="mean")), ("qk", dict(layer=2, head=1, channel=10, which="k")),
+    ("gae", dict(category_id=1)), ("rollout", dict(head_fusion="mean", discard_ratio=0.0)), ("predict", {}),
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_mixed_batch_answers_each_image_as_alone(setups, family):
+    engine, _, _ = setups[family]
+    jobs = [_job(n, **kw) for n, kw in MIXED]
+    x = inputs(len(jobs), seed=5)
+    together = engine.run(x, jobs)
+    for i, j in enumerate(jobs):
+        (alone,) = engine.run(x[i : i + 1], [j])
+        if alone.maps is not None:
+            np.testing.assert_allclose(together[i].maps, alone.maps, atol=1e-5, rtol=0)
+        assert [p.class_id for p in together[i].predictions] == [p.class_id for p in alone.predictions]
+
+
+@pytest.mark.parametrize("family", ["vit", "beit"])
+def test_activation_maximization_steps_follow_the_reference_gradient(setups, family):
+    """The long method's objective and its gradient w.r.t. the pixels, for a class, a block's feature
+    channel and a head's q channel."""
+    engine, r, _ = setups[family]
+    for name, kw in (("class", dict(category_id=2)), ("features", dict(layer=1, channel=3)),
+                     ("q", dict(layer=2, head=1, channel=4))):
+        pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        j = _job("activation-max", target=name, steps=1, **kw)
+        value, grad = engine._input_gradient(pixels, [j])
+        want_value, want_grad = r.unit(pixels[0], name, **{"category_id": 0, "layer": 0, "head": 0, "channel": 0,
+                                                           **kw})
+        assert float(value[0]) == pytest.approx(want_value, rel=1e-4, abs=1e-4)
+        scale = float(want_grad.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(grad[0].double(), want_grad, atol=1e-3 * scale, rtol=1e-3)
+
+
+def _vit_from_timm(t: torch.nn.Module, depth: int) -> torch.nn.Module:
+    """A transformers ViT with the weights of the timm ViT t (qkv split into q, k, v)."""
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=depth, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8, num_labels=5, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True))
+    src = t.state_dict()
+    sd = {"vit.embeddings.cls_token": src["cls_token"], "vit.embeddings.position_embeddings": src["pos_embed"],
+          "vit.embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+          "vit.embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+          "vit.layernorm.weight": src["norm.weight"], "vit.layernorm.bias": src["norm.bias"],
+          "classifier.weight": src["head.weight"], "classifier.bias": src["head.bias"]}
+    for i in range(depth):
+        b, h = f"blocks.{i}.", f"vit.layers.{i}."
+        for part in ("weight", "bias"):
+            q, k, v = src[b + f"attn.qkv.{part}"].chunk(3)
+            sd |= {h + f"attention.q_proj.{part}": q, h + f"attention.k_proj.{part}": k,
+                   h + f"attention.v_proj.{part}": v, h + f"attention.o_proj.{part}": src[b + f"attn.proj.{part}"],
+                   h + f"layernorm_before.{part}": src[b + f"norm1.{part}"],
+                   h + f"layernorm_after.{part}": src[b + f"norm2.{part}"],
+                   h + f"mlp.fc1.{part}": src[b + f"mlp.fc1.{part}"], h + f"mlp.fc2.{part}": src[b + f"mlp.fc2.{part}"]}
+    hf.load_state_dict(sd, strict=True)
+    return hf.eval()
+
+
+def test_a_transformers_vit_with_a_timm_vits_weights_gives_the_timm_maps(tmp_path):
+    import timm
+
+    from service.engine.engine import Engine
+
+    torch.manual_seed(11)
+    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                          depth=3, num_heads=2, mlp_ratio=2, num_classes=5).eval()
+    _randomise(t, 11)
+    folder = tmp_path / "vit"
+    _vit_from_timm(t, 3).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    hf = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
+    a, b = Engine(t, torch.device("cpu")), Engine(hf, torch.device("cpu"))
+    assert (a.shape.grid, a.shape.prefix, a.shape.mean, a.shape.std) == \
+        (b.shape.grid, b.shape.prefix, b.shape.mean, b.shape.std)
+    jobs = [_job(n, **kw) for n, kw in MIXED]
+    x = inputs(len(jobs), seed=7)
+    for ra, rb in zip(a.run(x, jobs), b.run(x, jobs)):
+        if ra.maps is not None:
+            np.testing.assert_allclose(rb.maps, ra.maps, atol=1e-4, rtol=0)
+        np.testing.assert_allclose([p.score for p in rb.predictions], [p.score for p in ra.predictions], atol=1e-5)
+
+
+# -- every door: HTTP, the Python client, the command line -----------------------------------------------
+@pytest.mark.slow
+def test_a_transformers_model_through_http_the_client_and_the_cli(hf_dirs, hf_models_, model_dirs, tmp_path,
+                                                                   capsys):
+    """A pool of two transformers models, a timm model and a refused one: each served model answers its
+    reference's maps by HTTP, the client and the CLI (through the server and in process); /models tells
+    each one's source, family, grid, prefix tokens and pooling, and the refused one's reason."""
+    import httpx
+    from PIL import Image
+
+    from service.cli import explain as cli
+    from service.client import Client
+    from tests.conftest import png_bytes
+    from tests.server import running_server
+
+    remote = tmp_path / "remote"
+    shutil.copytree(hf_dirs["vit"], remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "x.Y"}}))
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(img))
+    pixels = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).double() / 255  # at the input size: no resize
+    refs = {f: ref.HFReference(hf_models_[f]) for f in ("vit", "beit")}
+    # ViTImageProcessor's mean and std: 0.5
+    cs = {f: r.run((pixels - 0.5) / 0.5, category=2) for f, r in refs.items()}
+    args = ["--model", f"vit=transformers:{hf_dirs['vit']}", "--model", f"beit=transformers:{hf_dirs['beit']}",
+            "--model", f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}",
+            "--model", f"remote=transformers:{remote}", "--max-delay-ms", "20"]
+    with running_server(args) as s, httpx.Client(base_url=s.url, timeout=120) as http:
+        listed = {m["name"]: m for m in http.get("/models").json()}
+        assert listed["remote"]["status"] == "unavailable" and "auto_map" in listed["remote"]["reason"]
+        assert listed["vit"]["status"] == listed["beit"]["status"] == listed["deit"]["status"] == "ready"
+        assert (listed["beit"]["grid"], listed["beit"]["prefix_tokens"]) == ([4, 4], 1)
+        for f in ("vit", "beit"):
+            r, c = refs[f], cs[f]
+            got = http.post("/rollout", files={"image": ("a.png", path.read_bytes(), "image/png")},
+                            data={"model": f, "format": "json", "head_fusion": "mean", "discard_ratio": "0"})
+            assert got.status_code == 200, got.text
+            np.testing.assert_allclose(got.json()["mask"], r.rollout(c, "mean", 0.0), atol=1e-4)
+            with Client(s.url) as client:
+                np.testing.assert_allclose(client.gae(np.asarray(img), category_id=2, model=f).mask, r.gae(c),
+                                           atol=1e-4)
+                np.testing.assert_allclose(client.attention(path, head="max", model=f).maps, r.attention(c, "max"),
+                                           atol=1e-4)
+            out = tmp_path / f"{f}.json"
+            assert cli.main([str(path), "--method", "grad-rollout", "--category-id", "2", "--discard-ratio", "0",
+                             "--server", s.url, "--model", f, "-o", str(out), "--format", "json", "--quiet"]) == 0
+            np.testing.assert_allclose(json.loads(out.read_text())["mask"], r.grad_rollout(c, "mean", 0.0), atol=1e-4)
+            local = tmp_path / f"{f}-local.json"
+            assert cli.main([str(path), "--method", "grad-rollout", "--category-id", "2", "--discard-ratio", "0",
+                             "--model", f"{f}=transformers:{hf_dirs[f]}", "-o", str(local), "--format", "json",
+                             "--quiet"]) == 0
+            np.testing.assert_allclose(json.loads(local.read_text())["mask"], r.grad_rollout(c, "mean", 0.0),
+                                       atol=1e-4)

@@ -40,7 +40,7 @@ from torch import nn
 
 from service.engine.adapters import Adapter, Anatomy, UnsupportedModel
 
-__all__ = ["CPU_CHUNK", "Capture", "UnsupportedModel", "capture", "install"]
+__all__ = ["CPU_CHUNK", "Capture", "UnsupportedModel", "attend", "capture", "install"]
 
 # Images per chunk of taken attention on the CPU (see the module docstring).
 CPU_CHUNK = 1
@@ -145,7 +145,11 @@ def install(anatomy: Anatomy) -> Installed:
     done = Installed()
     mods = list(anatomy.attentions) + ([anatomy.pool] if anatomy.pool is not None else [])
     for i, mod in enumerate(mods):
-        mod.forward = _adapted(i, mod, anatomy.adapter(mod))
+        adapter = anatomy.adapter(mod)
+        if adapter.bind is not None:  # it calls `attend` from its own attention function
+            adapter.bind(mod, i)
+            continue
+        mod.forward = _adapted(i, mod, adapter)
         done.modules.append(mod)
     for i, blk in enumerate(anatomy.blocks):
         done.hooks.append(blk.register_forward_hook(_on_block_output(i)))
@@ -170,6 +174,22 @@ def _adapted(i: int, mod: nn.Module, adapter: Adapter) -> Callable[..., torch.Te
         return adapter.merge(mod, o, *args, **kwargs)
 
     return forward
+
+
+def attend(block: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+           scale: float | None) -> torch.Tensor | None:
+    """For an adapter with `bind` (its module calls an attention function of ours, not a replaced forward):
+    records q and k (B, H, Nq, D) where this block's are wanted and, where its attention is captured,
+    returns o = softmax(q k^T * scale + bias) v (B, H, Nq, Dv) as `_adapted` computes it; None where it is
+    not (the caller runs its own kernel)."""
+    store = _ACTIVE.get()
+    if store is None or block is None:
+        return None
+    if block in store.qk_layers:
+        store.q[block], store.k[block] = q, k
+    if block not in store.attn_layers:
+        return None
+    return _attend(store, block, q, k, v, bias, scale or q.shape[-1] ** -0.5)
 
 
 def _on_block_output(i: int):

@@ -75,9 +75,13 @@ class Adapter:
 
     name: str
     kind: type[nn.Module]
-    split: Callable[..., QKV]
-    merge: Callable[..., torch.Tensor]
+    split: Callable[..., QKV] | None = None
+    merge: Callable[..., torch.Tensor] | None = None
     refuse: Callable[[nn.Module], str | None] = lambda m: None
+    # Instead of split/merge: an implementation whose module hands q, k, v to a function the service owns
+    # (transformers' AttentionInterface) keeps its own forward; `bind(module, block)` tells it its block index
+    # once, and that function calls `capture.attend` (service/engine/adapters/transformers_models.py).
+    bind: Callable[[nn.Module, int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,3 +152,4 @@ def describe(model: nn.Module) -> Anatomy:
 
 
 from service.engine.adapters import timm_models as _timm_models  # noqa: E402,F401  (registers the timm source)
+from service.engine.adapters import transformers_models as _transformers_models  # noqa: E402,F401
