@@ -477,7 +477,7 @@ def test_a_transformers_model_through_http_the_client_and_the_cli(hf_dirs, hf_mo
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     path = tmp_path / "a.png"
     path.write_bytes(png_bytes(img))
-    pixels = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).double() / 255  # at the input size: no resize
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).double() / 255  # at the input size: no resize
     refs = {f: ref.HFReference(hf_models_[f]) for f in ("vit", "beit")}
     # ViTImageProcessor's mean and std: 0.5
     cs = {f: r.run((pixels - 0.5) / 0.5, category=2) for f, r in refs.items()}
@@ -498,7 +498,7 @@ def test_a_transformers_model_through_http_the_client_and_the_cli(hf_dirs, hf_mo
             with Client(s.url) as client:
                 np.testing.assert_allclose(client.gae(np.asarray(img), category_id=2, model=f).mask, r.gae(c),
                                            atol=1e-4)
-                np.testing.assert_allclose(client.attention(path, head="max", model=f).maps, r.attention(c, "max"),
+                np.testing.assert_allclose(client.attention(path, head="max", model=f).layers, r.attention(c, "max"),
                                            atol=1e-4)
             out = tmp_path / f"{f}.json"
             assert cli.main([str(path), "--method", "grad-rollout", "--category-id", "2", "--discard-ratio", "0",
