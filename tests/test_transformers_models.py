@@ -1,5 +1,5 @@
 """Hugging Face `transformers` classifiers as a second model source (service/hf_models.py) and their
-attention adapter (service/engine/hf_attention.py), against the float64 reference (tests/reference.py).
+attention adapter (service/engine/adapters/transformers_models.py), against the float64 reference (tests/reference.py).
 
 Tiny random-weight models of every family, built offline from a config and saved with save_pretrained
 beside a ViTImageProcessor's preprocessor_config.json."""
