@@ -63,7 +63,7 @@ class HFClassifier(nn.Module):
     def __init__(self, hf: nn.Module, input_config: dict, labels: list[str], source: str) -> None:
         super().__init__()
         self.hf = hf
-        self.input_config = input_config  # service.models.Preprocess's fields: size, mean, std, interpolation
+        self.input_config = input_config  # size, mean, std, interpolation: the anatomy reads them
         self.labels = labels
         self.source = source
         self.num_classes = len(labels)

@@ -89,9 +89,6 @@ class Preprocess:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> Preprocess:
-        own = getattr(model, "input_config", None)  # a transformers model's, from its image processor's config
-        if isinstance(own, dict):
-            return cls(**own)
         cfg = timm.data.resolve_model_data_config(model)
         _, h, w = cfg["input_size"]
         return cls(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"])
@@ -117,9 +114,6 @@ class Preprocess:
 def class_labels(model: nn.Module) -> list[str]:
     """Human-readable names: the config's label descriptions or names, else ImageNet-1k, else `class N`."""
     n = int(model.num_classes)
-    own = getattr(model, "labels", None)  # a transformers model's, from config.id2label
-    if isinstance(own, list) and len(own) == n:
-        return [str(x) for x in own]
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = _as_list(cfg.get("label_names"), n)
     descriptions = cfg.get("label_descriptions")

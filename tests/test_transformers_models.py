@@ -116,7 +116,6 @@ def test_every_family_loads_with_its_parts(hf_models_, family):
     labels = tuple(f"LABEL_{i}" for i in range(5))
     assert (a.input_size, a.labels, a.embed_dim, a.head_dim) == ((32, 32), labels, 32, 16)
     assert m.hf.config._attn_implementation == adapter.ATTN_IMPLEMENTATION
-    assert models.class_labels(m) == [f"LABEL_{i}" for i in range(5)]
 
 
 def test_labels_come_from_id2label(tmp_path):
@@ -126,7 +125,7 @@ def test_labels_come_from_id2label(tmp_path):
     cfg["label2id"] = {f"kind {i}": i for i in range(5)}
     (folder / "config.json").write_text(json.dumps(cfg))
     m = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
-    assert models.class_labels(m) == [f"kind {i}" for i in range(5)]
+    assert adapters.describe(m).labels == tuple(f"kind {i}" for i in range(5))
 
 
 @pytest.mark.parametrize("processor", [
@@ -141,7 +140,7 @@ def test_preprocessing_equals_the_image_processors(tmp_path, processor):
 
     folder = save("vit", tmp_path, **processor)
     m = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
-    pre = models.Preprocess.from_model(m)
+    pre = models.Preprocess.from_anatomy(adapters.describe(m))
     assert pre.size == (32, 32) and pre.interpolation == "bilinear"
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     want = transformers.ViTImageProcessor.from_pretrained(folder)(list(pixels), do_resize=False,
@@ -155,7 +154,8 @@ def test_the_crop_size_is_the_input_size(tmp_path):
     cfg = json.loads((folder / "preprocessor_config.json").read_text())
     cfg.update(do_center_crop=True, crop_size={"height": 32, "width": 32}, size={"shortest_edge": 40}, resample=3)
     (folder / "preprocessor_config.json").write_text(json.dumps(cfg))
-    pre = models.Preprocess.from_model(models.create(models.ModelSpec.parse(f"transformers:{folder}")))
+    m = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
+    pre = models.Preprocess.from_anatomy(adapters.describe(m))
     assert pre.size == (32, 32) and pre.interpolation == "bicubic"
 
 
