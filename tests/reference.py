@@ -323,6 +323,7 @@ class HFReference(Reference):
         h, w = self.model.input_config["size"]
         self.grid = (h // p, w // p)
         self.pooled = cfg.model_type == "beit" and cfg.use_mean_pooling
+        self.pooling, self.skip = ("avg" if self.pooled else "token"), 0  # no attention-pooling head here
         self._store = {"attn": [], "q": [], "k": []}
         self._attn, self._q, self._k = self._store["attn"], self._store["q"], self._store["k"]
         with torch.no_grad(), self._recording():
@@ -362,7 +363,8 @@ class HFReference(Reference):
         """The explained row of an (N, N) matrix."""
         return r[self.prefix :].mean(0) if self.pooled else r[0]
 
-    def _rollout(self, weights: list[torch.Tensor], start_layer: int = 0) -> np.ndarray:
+    def _rollout(self, weights: list[torch.Tensor], start_layer: int = 0, e=None) -> np.ndarray:
+        """The explained row of R = Â_L ... Â_s (`e` is unused: these heads have no pooling attention)."""
         n = weights[0].shape[0]
         eye = torch.eye(n, dtype=torch.float64)
         r = eye.clone()
