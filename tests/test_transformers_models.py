@@ -24,12 +24,12 @@ from service.engine import capture as capture_module  # noqa: E402
 from service.engine.adapters import transformers_models as adapter  # noqa: E402
 from tests import reference as ref  # noqa: E402
 
-SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_labels=5)
+SMALL = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, num_labels=10)  # head_dim 32
 VIT_LIKE = dict(SMALL, intermediate_size=64, image_size=32, patch_size=8)
 DINO = dict(SMALL, mlp_ratio=2, image_size=32, patch_size=8)
 
 # name -> (model class, config class, config kwargs): every family the transformers source serves
-FAMILIES = {
+FAMILIES: dict[str, tuple[str, str, dict]] = {
     "vit": ("ViTForImageClassification", "ViTConfig", VIT_LIKE),
     "deit-teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", VIT_LIKE),
     "deit": ("DeiTForImageClassification", "DeiTConfig", VIT_LIKE),
@@ -111,21 +111,21 @@ def test_serve_exits_2_on_an_unknown_source():
 def test_every_family_loads_with_its_parts(hf_models_, family):
     m = hf_models_[family]
     a = adapters.describe(m)
-    assert a.grid == (4, 4) and a.prefix == PREFIX[family] and len(a.blocks) == 3 and a.heads == 2
+    assert a.grid == (4, 4) and a.prefix == PREFIX[family] and len(a.blocks) == 3 and a.heads == 3
     assert a.pooling == ("avg" if family == "beit" else "token") and a.source == "transformers"
-    labels = tuple(f"LABEL_{i}" for i in range(5))
-    assert (a.input_size, a.labels, a.embed_dim, a.head_dim) == ((32, 32), labels, 32, 16)
+    labels = tuple(f"LABEL_{i}" for i in range(10))
+    assert (a.input_size, a.labels, a.embed_dim, a.head_dim) == ((32, 32), labels, 96, 32)
     assert m.hf.config._attn_implementation == adapter.ATTN_IMPLEMENTATION
 
 
 def test_labels_come_from_id2label(tmp_path):
     folder = save("vit", tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["id2label"] = {str(i): f"kind {i}" for i in range(5)}
-    cfg["label2id"] = {f"kind {i}": i for i in range(5)}
+    cfg["id2label"] = {str(i): f"kind {i}" for i in range(10)}
+    cfg["label2id"] = {f"kind {i}": i for i in range(10)}
     (folder / "config.json").write_text(json.dumps(cfg))
     m = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
-    assert adapters.describe(m).labels == tuple(f"kind {i}" for i in range(5))
+    assert adapters.describe(m).labels == tuple(f"kind {i}" for i in range(10))
 
 
 @pytest.mark.parametrize("processor", [
@@ -369,6 +369,34 @@ def test_gradient_methods_match_the_reference(setups, family):
         np.testing.assert_allclose(res.maps, r.gae(captured[i], j.params.start_layer), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_timm_families_cases_match_the_reference_in_one_mixed_batch_and_compare(setups, family):
+    """The very cases tests/test_families.py proves on every timm family (every method with fusions, ratios
+    and start layers that reach every part of the definition; the sweeps; /compare's settings), in one batch
+    that mixes both passes, and alone."""
+    from service.methods import compare as cmp
+    from tests import families
+    from tests.test_families import Want, cases
+
+    engine, r, x = setups[family]
+    w = Want(r, x)
+    todo = cases(r, w)
+    assert {c[0] for c in todo} | {"compare", "predict"} == set(families.METHODS)
+    together = engine.run(x[[c[2] for c in todo]], [c[1] for c in todo])
+    for (name, j, _, want, atol), got in zip(todo, together):
+        np.testing.assert_allclose(got.maps, want(), atol=atol, rtol=0, err_msg=f"{family} {name} {j.params}")
+    for name, j, i, want, atol in todo[::3]:
+        (got,) = engine.run(x[i : i + 1], [j])
+        np.testing.assert_allclose(got.maps, want(), atol=atol, rtol=0, err_msg=f"{family} {name} alone")
+    settings = cmp.validate([("rollout", {"head_fusion": "mean", "discard_ratio": 0.0}), ("gae", {"category_id": 4}),
+                             ("grad-rollout", {"category_id": 4, "discard_ratio": 0.0})], engine.shape)
+    jobs = cmp.plan(settings, engine.shape, 2, "mean", "most")
+    results = engine.run(x[[0] * len(jobs)], [j for j, _ in jobs])
+    got = cmp.answer("m", engine.shape, settings, jobs, results, "most")["results"]
+    for g, want in zip(got, [r.rollout(w(0), "mean", 0.0), r.gae(w(0, 4)), r.grad_rollout(w(0, 4), "mean", 0.0)]):
+        np.testing.assert_allclose(np.asarray(g["mask"]), want, atol=1e-4, rtol=0, err_msg=g["method"])
+
+
 MIXED = [
     ("rollout", dict(head_fusion="max", discard_ratio=0.9)), ("grad-rollout", dict(category_id=3)),
     ("attention", dict(head="mean")), ("qk", dict(layer=2, head=1, channel=10, which="k")),
@@ -389,7 +417,7 @@ def test_a_mixed_batch_answers_each_image_as_alone(setups, family):
         assert [p.class_id for p in together[i].predictions] == [p.class_id for p in alone.predictions]
 
 
-@pytest.mark.parametrize("family", ["vit", "beit"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_activation_maximization_steps_follow_the_reference_gradient(setups, family):
     """The long method's objective and its gradient w.r.t. the pixels, for a class, a block's feature
     channel and a head's q channel."""
@@ -510,3 +538,34 @@ def test_a_transformers_model_through_http_the_client_and_the_cli(hf_dirs, hf_mo
                              "--quiet"]) == 0
             np.testing.assert_allclose(json.loads(local.read_text())["mask"], r.grad_rollout(c, "mean", 0.0),
                                        atol=1e-4)
+
+
+# -- the coverage table of docs/models.md ------------------------------------------------------------------
+# what each family is, for the table; every cell is proven by the tests above (the timm families' cases, compare,
+# predict, and activation maximization's objective and gradient)
+WHAT = {
+    "vit": "ViT", "deit-teacher": "DeiT with distillation token and teacher head", "deit": "DeiT",
+    "beit": "BEiT (relative position bias, patch mean)", "dinov2": "DINOv2",
+    "dinov2-reg": "DINOv2 with 4 register tokens",
+}
+
+
+def coverage_table() -> str:
+    from tests import families
+
+    methods = (*families.METHODS, "activation-max")
+    head = "| family | transformers class (tested small) | " + " | ".join(f"`{m}`" for m in methods) + " |"
+    rule = "|---|---|" + "---|" * len(methods)
+    rows = [f"| {WHAT[f]} | `{cls}` | " + " | ".join("yes" for _ in methods) + " |"
+            for f, (cls, _, _) in FAMILIES.items()]
+    return "\n".join([head, rule, *rows])
+
+
+def test_the_transformers_coverage_table_in_the_docs_is_the_one_these_tests_prove():
+    assert set(WHAT) == set(FAMILIES)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    assert coverage_table() in docs, "docs/models.md: paste the output of `python -m tests.test_transformers_models`"
+
+
+if __name__ == "__main__":
+    print(coverage_table())
