@@ -516,7 +516,9 @@ def test_a_transformers_model_through_http_the_client_and_the_cli(hf_dirs, hf_mo
         listed = {m["name"]: m for m in http.get("/models").json()}
         assert listed["remote"]["status"] == "unavailable" and "auto_map" in listed["remote"]["reason"]
         assert listed["vit"]["status"] == listed["beit"]["status"] == listed["deit"]["status"] == "ready"
-        assert (listed["beit"]["grid"], listed["beit"]["prefix_tokens"]) == ([4, 4], 1)
+        assert [listed["beit"][k] for k in ("source", "family", "grid", "prefix_tokens", "pooling")] == \
+            ["transformers", "BeitForImageClassification", [4, 4], 1, "avg"]
+        assert [listed["vit"][k] for k in ("source", "pooling")] == ["transformers", "token"]
         for f in ("vit", "beit"):
             r, c = refs[f], cs[f]
             got = http.post("/rollout", files={"image": ("a.png", path.read_bytes(), "image/png")},
