@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCE = "transformers:"
 INSTALL = "pip install '.[transformers]' (make install does)"
 
-# config.json's architecture -> (family, how its head pools the tokens: "token" reads the class
-# token, alone or beside other features; "avg" the mean of the patch tokens, see `_pooling`)
+# The allow-list: config.json's architecture -> its family. What each head reads (the explained row) is the
+# adapter's to say (service/engine/adapters/transformers_models.py).
 FAMILIES = {
     "ViTForImageClassification": "vit",
     "DeiTForImageClassification": "deit",
@@ -110,8 +109,28 @@ def load(ref: str) -> HFClassifier:
     id2label = {int(k): str(v) for k, v in (hf.config.id2label or {}).items()}
     labels = [id2label.get(i, f"class {i}") for i in range(n)]
     model = HFClassifier(hf, pre, labels, ref).eval()
-    adapters.describe(model)  # the parts the engine needs are there (UnsupportedModel otherwise)
+    _check_capture(model, adapters.describe(model))  # UnsupportedModel where the parts are not all there
     return model
+
+
+def _check_capture(model: HFClassifier, anatomy) -> None:
+    """One forward of a blank image with every block's attention captured: each block's attention must go
+    through the adapter's function (a transformers release whose module computed it some other way would
+    otherwise answer requests without maps)."""
+    from service.engine import capture
+
+    installed = capture.install(anatomy)
+    try:
+        with torch.inference_mode(), capture.capture(attn_layers=frozenset(range(anatomy.layers))) as store:
+            model(torch.zeros(1, 3, *anatomy.input_size))
+    finally:
+        installed.remove()
+    missing = [b for b in range(anatomy.layers) if b not in store.attn]
+    if missing:
+        transformers = transformers_module()
+        raise Refused(f"the attention of blocks {missing} of {type(model.hf).__name__} does not go through "
+                      f"transformers' AttentionInterface in transformers {transformers.__version__}: it cannot be "
+                      "captured")
 
 
 def _folder(ref: str) -> Path:

@@ -206,6 +206,13 @@ def test_a_family_without_an_adapter_is_refused(tmp_path, archs, match):
     _refused(folder, match)
 
 
+def test_a_model_whose_attention_bypasses_the_interface_is_refused(tmp_path, monkeypatch):
+    """As a transformers release whose attention modules no longer call AttentionInterface would."""
+    folder = save("vit", tmp_path)
+    monkeypatch.setattr(capture_module, "attend", lambda *args: None)  # nothing reaches the capture
+    _refused(folder, r"blocks \[0, 1, 2\] of ViTForImageClassification does not go through .*AttentionInterface")
+
+
 def test_without_transformers_the_model_is_refused_with_the_install_command(tmp_path, monkeypatch):
     folder = save("vit", tmp_path)
     import sys
