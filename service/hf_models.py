@@ -116,12 +116,17 @@ def load(ref: str) -> HFClassifier:
 def _check_capture(model: HFClassifier, anatomy) -> None:
     """One forward of a blank image with every block's attention captured: each block's attention must go
     through the adapter's function (a transformers release whose module computed it some other way would
-    otherwise answer requests without maps)."""
+    otherwise answer requests without maps).
+
+    Under no_grad, not inference_mode: BEiT caches its relative position index per window size for the
+    whole process (an lru_cache), and an index first made under inference_mode can never be used where the
+    weights require grad (the engine's never do; the float64 reference in the tests, in the same process, does).
+    This forward is the model's first: it makes the cached one."""
     from service.engine import capture
 
     installed = capture.install(anatomy)
     try:
-        with torch.inference_mode(), capture.capture(attn_layers=frozenset(range(anatomy.layers))) as store:
+        with torch.no_grad(), capture.capture(attn_layers=frozenset(range(anatomy.layers))) as store:
             model(torch.zeros(1, 3, *anatomy.input_size))
     finally:
         installed.remove()

@@ -578,3 +578,4 @@ def test_the_transformers_coverage_table_in_the_docs_is_the_one_these_tests_prov
 
 if __name__ == "__main__":
     print(coverage_table())
+
