@@ -37,8 +37,20 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "dinov2": ("Dinov2ForImageClassification", "Dinov2Config", DINO),
     "dinov2-reg": ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig",
                    dict(DINO, num_register_tokens=4)),
+    "vit-tall": ("ViTForImageClassification", "ViTConfig", dict(VIT_LIKE, image_size=[48, 32])),  # a 6 x 4 grid
 }
-PREFIX = {"vit": 1, "deit-teacher": 2, "deit": 2, "beit": 1, "dinov2": 1, "dinov2-reg": 5}
+PREFIX = {"vit": 1, "deit-teacher": 2, "deit": 2, "beit": 1, "dinov2": 1, "dinov2-reg": 5, "vit-tall": 1}
+
+
+def size_of(family: str) -> tuple[int, int]:
+    """(H, W) the family's model takes."""
+    s = FAMILIES[family][2]["image_size"]
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+def grid_of(family: str) -> tuple[int, int]:
+    h, w = size_of(family)
+    return (h // 8, w // 8)
 
 
 def save(family: str, root: Path, seed: int = 0, **processor) -> Path:
@@ -49,8 +61,8 @@ def save(family: str, root: Path, seed: int = 0, **processor) -> Path:
     _randomise(hf, seed)
     folder = root / family
     hf.save_pretrained(folder)
-    size = kwargs["image_size"]
-    transformers.ViTImageProcessor(size={"height": size, "width": size}, **processor).save_pretrained(folder)
+    h, w = size_of(family)
+    transformers.ViTImageProcessor(size={"height": h, "width": w}, **processor).save_pretrained(folder)
     return folder
 
 
@@ -75,12 +87,12 @@ def hf_models_(hf_dirs) -> dict[str, hf_models.HFClassifier]:
     return {f: models.create(models.ModelSpec.parse(f"{f}=transformers:{d}")) for f, d in hf_dirs.items()}
 
 
-def inputs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """(n, 3, size, size): model inputs with structure (not only noise)."""
+def inputs(n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> torch.Tensor:
+    """(n, 3, H, W): model inputs with structure (not only noise)."""
     g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(n, 3, size // 8, size // 8, generator=g)
-    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") + \
-        0.3 * torch.randn(n, 3, size, size, generator=g)
+    coarse = torch.randn(n, 3, size[0] // 8, size[1] // 8, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear") + \
+        0.3 * torch.randn(n, 3, *size, generator=g)
 
 
 # -- the source: specs, loading, preprocessing ------------------------------------------------------
@@ -111,10 +123,10 @@ def test_serve_exits_2_on_an_unknown_source():
 def test_every_family_loads_with_its_parts(hf_models_, family):
     m = hf_models_[family]
     a = adapters.describe(m)
-    assert a.grid == (4, 4) and a.prefix == PREFIX[family] and len(a.blocks) == 3 and a.heads == 3
+    assert a.grid == grid_of(family) and a.prefix == PREFIX[family] and len(a.blocks) == 3 and a.heads == 3
     assert a.pooling == ("avg" if family == "beit" else "token") and a.source == "transformers"
     labels = tuple(f"LABEL_{i}" for i in range(10))
-    assert (a.input_size, a.labels, a.embed_dim, a.head_dim) == ((32, 32), labels, 96, 32)
+    assert (a.input_size, a.labels, a.embed_dim, a.head_dim) == (size_of(family), labels, 96, 32)
     assert m.hf.config._attn_implementation == adapter.ATTN_IMPLEMENTATION
 
 
@@ -233,7 +245,7 @@ def test_the_adapter_captures_the_attention_the_model_applies(hf_models_, family
     a = adapters.describe(m)
     capture_module.install(a)
     r = ref.HFReference(m)
-    x = inputs(3, seed=1)
+    x = inputs(3, size_of(family), seed=1)
     layers = frozenset(range(len(a.blocks)))
     with torch.no_grad():
         plain = m(x)
@@ -329,7 +341,8 @@ def setups(hf_models_):
 
     from service.engine.engine import Engine
 
-    return {f: (Engine(copy.deepcopy(m), torch.device("cpu"), name=f), ref.HFReference(m), inputs(3, seed=2))
+    return {f: (Engine(copy.deepcopy(m), torch.device("cpu"), name=f), ref.HFReference(m),
+                inputs(3, size_of(f), seed=2))
             for f, m in hf_models_.items()}
 
 
@@ -337,7 +350,7 @@ def setups(hf_models_):
 def test_rollout_and_layer_attention_match_the_reference(setups, family):
     engine, r, x = setups[family]
     assert (engine.shape.prefix, engine.shape.grid, engine.shape.pooling) == \
-        (PREFIX[family], (4, 4), "avg" if family == "beit" else "token")
+        (PREFIX[family], grid_of(family), "avg" if family == "beit" else "token")
     for fusion in FUSIONS:
         jobs = [_job("rollout", head_fusion=fusion, discard_ratio=ratio, start_layer=s)
                 for ratio, s in zip(RATIOS, (0, 1, 0))]
@@ -415,7 +428,7 @@ MIXED = [
 def test_a_mixed_batch_answers_each_image_as_alone(setups, family):
     engine, _, _ = setups[family]
     jobs = [_job(n, **kw) for n, kw in MIXED]
-    x = inputs(len(jobs), seed=5)
+    x = inputs(len(jobs), size_of(family), seed=5)
     together = engine.run(x, jobs)
     for i, j in enumerate(jobs):
         (alone,) = engine.run(x[i : i + 1], [j])
@@ -431,7 +444,7 @@ def test_activation_maximization_steps_follow_the_reference_gradient(setups, fam
     engine, r, _ = setups[family]
     for name, kw in (("class", dict(category_id=2)), ("features", dict(layer=1, channel=3)),
                      ("q", dict(layer=2, head=1, channel=4))):
-        pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        pixels = torch.rand(1, 3, *size_of(family), generator=torch.Generator().manual_seed(3))
         j = _job("activation-max", target=name, steps=1, **kw)
         value, grad = engine._input_gradient(pixels, [j])
         want_value, want_grad = r.unit(pixels[0], name, **{"category_id": 0, "layer": 0, "head": 0, "channel": 0,
@@ -555,7 +568,7 @@ def test_a_transformers_model_through_http_the_client_and_the_cli(hf_dirs, hf_mo
 WHAT = {
     "vit": "ViT", "deit-teacher": "DeiT with distillation token and teacher head", "deit": "DeiT",
     "beit": "BEiT (relative position bias, patch mean)", "dinov2": "DINOv2",
-    "dinov2-reg": "DINOv2 with 4 register tokens",
+    "dinov2-reg": "DINOv2 with 4 register tokens", "vit-tall": "ViT, non-square input (48 x 32 px, 6 x 4 grid)",
 }
 
 
