@@ -1,4 +1,5 @@
-"""The capture's cost: engine rollout against the bare timm forward, one thread, per family.
+"""The capture's cost: engine rollout against the bare forward, one thread, per family (timm, and the
+`transformers` families when it is installed: against the same weights with transformers' own SDPA attention).
 
 `python -m bench.capture [--batch 16] [--reps 10] [--families deit,eva02,...]`
 
@@ -40,13 +41,51 @@ FAMILIES = {
 }
 
 
-def measure(family: str, batch: int, reps: int, log=print) -> dict:
-    name, kwargs = FAMILIES[family]
+# -- transformers families (service/hf_models.py): engine rollout against the model's own SDPA forward ----------
+# family -> (transformers model class, config class, config arguments): DeiT-Tiny's depth and width, 224 px
+TRANSFORMERS = {
+    "hf-vit": ("ViTForImageClassification", "ViTConfig", {}),
+    "hf-deit-teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", {}),
+    "hf-beit": ("BeitForImageClassification", "BeitConfig", {"use_relative_position_bias": True}),
+    "hf-dinov2": ("Dinov2ForImageClassification", "Dinov2Config", {"mlp_ratio": 4}),
+}
+
+
+def transformers_models(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the service's model, loaded from a save_pretrained folder as `transformers:` loads it; the same weights
+    with transformers' SDPA attention, wrapped to answer logits): the bare forward to compare with."""
+    import tempfile
+
+    import transformers
+
+    from service import models
+
+    cls, config, kwargs = TRANSFORMERS[family]
+    size = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, image_size=224, patch_size=16,
+                num_labels=1000)
+    if "mlp_ratio" not in kwargs:
+        size["intermediate_size"] = 768
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    hf = getattr(transformers, cls)(getattr(transformers, config)(**size, **kwargs)).eval()
+    folder = tempfile.mkdtemp(prefix="bench-hf-")
+    hf.save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    served = models.create(models.ModelSpec.parse(f"transformers:{folder}"))
+    bare = copy.deepcopy(served)
+    bare.hf.set_attn_implementation("sdpa")
+    return served, bare
+
+
+def measure(family: str, batch: int, reps: int, log=print) -> dict:
+    if family in TRANSFORMERS:
+        model, bare = transformers_models(family)
+    else:
+        name, kwargs = FAMILIES[family]
+        torch.manual_seed(0)
+        model = bare = timm.create_model(name, pretrained=False, **kwargs).eval()
     engine = Engine(copy.deepcopy(model), torch.device("cpu"))
     size = engine.input_size[0]
-    cases = {"bare": bare_case(model), "rollout": rollout_case(engine)}
+    cases = {"bare": bare_case(bare), "rollout": rollout_case(engine)}
     figs = interleaved(cases, make_images(batch, size=size), reps)
     out = {"bare": figs["bare"], "rollout": figs["rollout"]}
     for clock in ("wall", "cpu"):
@@ -76,12 +115,18 @@ def interleaved(cases: dict, x: torch.Tensor, reps: int, warmup: int = 2) -> dic
     return {k: {"wall": statistics.median(wall[k]) * 1e3, "cpu": statistics.median(cpu[k]) * 1e3} for k in cases}
 
 
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.capture", description=__doc__)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--families", default=",".join([*FAMILIES, *(TRANSFORMERS if _has_transformers() else ())]))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"capture cost, {args.threads} thread(s), torch {torch.__version__}, timm {timm.__version__}")
