@@ -119,6 +119,18 @@ def test_serve_exits_2_on_an_unknown_source():
     assert "unknown model source 'onnx'" in err.getvalue() and "transformers:" in err.getvalue()
 
 
+def test_explain_and_compare_in_process_exit_2_on_an_unknown_source(tmp_path, capsys):
+    from service.cli import compare, explain
+    from tests.conftest import png_bytes, smooth_image
+
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes(smooth_image(1, (32, 32))))
+    assert explain.main([str(img), "--model", "x=onnx:/m/model.onnx"]) == 2
+    assert "unknown model source 'onnx'" in capsys.readouterr().err
+    assert compare.main([str(img), "--model", "x=onnx:/m/model.onnx", "--setting", "method=rollout"]) == 2
+    assert "unknown model source 'onnx'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_loads_with_its_parts(hf_models_, family):
     m = hf_models_[family]

@@ -90,6 +90,9 @@ def _local(args, settings: list[dict[str, Any]]) -> dict[str, Any]:
 
     try:
         spec = models.ModelSpec.parse(args.model or DEFAULT_MODELS[-1])
+    except ValueError as e:  # an unknown source: a usage error, as for serve
+        raise Refused(USAGE, str(e)) from None
+    try:
         model = models.create(spec)
         engine = Engine(model, torch.device(args.device), name=spec.alias)
     except Exception as e:  # noqa: BLE001 - a model that cannot load is the user's to fix
