@@ -127,7 +127,7 @@ def test_explain_and_compare_in_process_exit_2_on_an_unknown_source(tmp_path, ca
     img.write_bytes(png_bytes(smooth_image(1, (32, 32))))
     assert explain.main([str(img), "--model", "x=onnx:/m/model.onnx"]) == 2
     assert "unknown model source 'onnx'" in capsys.readouterr().err
-    assert compare.main([str(img), "--model", "x=onnx:/m/model.onnx", "--setting", "method=rollout"]) == 2
+    assert compare.main([str(img), "--model", "x=onnx:/m/model.onnx", "--setting", "rollout"]) == 2
     assert "unknown model source 'onnx'" in capsys.readouterr().err
 
 
