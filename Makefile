@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# torch/torchvision first and pinned: these builds are on local disk here; a bare
 	# `torch` requirement could otherwise pull a multi-GB build from the registry.
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install -q -e ".[dev,ray]"
+	$(BIN)/python -m pip install -q -e ".[dev,ray,transformers]"
 	touch $(STAMP)
 
 install: $(STAMP)

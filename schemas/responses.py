@@ -126,6 +126,9 @@ class ModelInfo(_Out):
     grid: tuple[int, int] | None = None
     classes: int | None = None
     prefix_tokens: int | None = None
+    source: str | None = None  # where the model comes from: timm, transformers
+    family: str | None = None  # its architecture, e.g. VisionTransformer, Eva, Beit
+    pooling: Literal["token", "avg", "map"] | None = None  # what its classifier reads: the explained row
     layers: int | None = None
     heads: int | None = None
     head_dim: int | None = None

@@ -100,6 +100,16 @@ class Settings(BaseSettings):
             return [s for s in (p.strip() for p in v.split(",")) if s]
         return v
 
+    @field_validator("models")
+    @classmethod
+    def _known_sources(cls, v: list[str]) -> list[str]:
+        """Each spec parses: an unknown source prefix is a usage error at start (exit 2), naming the known ones."""
+        from service.models import ModelSpec
+
+        for text in v:
+            ModelSpec.parse(text)
+        return v
+
     @field_validator("device")
     @classmethod
     def _known_devices(cls, v: str) -> str:

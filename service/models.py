@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import huggingface_hub
@@ -18,7 +20,9 @@ from service import imaging
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("hf-hub:", "local-dir:")
+# timm: a bare name, hf-hub:REPO or local-dir:PATH; transformers:PATH_OR_REPO (service/hf_models.py)
+_SOURCES = ("hf-hub:", "local-dir:", "transformers:")
+_PREFIX = re.compile(r"^([A-Za-z][\w.+-]+):")  # 2+ characters, as timm's: C:\ is a drive, not a source
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -32,14 +36,23 @@ _INTERPOLATIONS = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """`[ALIAS=]SPEC` from the command line: SPEC is what timm.create_model(..., pretrained=True) takes."""
+    """`[ALIAS=]SPEC` from the command line: SPEC is what timm.create_model(..., pretrained=True) takes,
+    or `transformers:` and a folder written by save_pretrained or a hub id (service/hf_models.py)."""
 
     alias: str
     spec: str
 
     @property
+    def source(self) -> str:
+        """Which library builds the model: `timm` or `transformers`."""
+        return "transformers" if self.spec.startswith("transformers:") else "timm"
+
+    @property
     def uses_hub(self) -> bool:
         """Weights come from the Hugging Face hub (or its local cache), not from a local folder."""
+        if self.source == "transformers":
+            ref = self.spec.removeprefix("transformers:")
+            return not (ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists())
         return not self.spec.startswith("local-dir:")
 
     @classmethod
@@ -50,6 +63,10 @@ class ModelSpec:
         spec, alias = spec.strip(), alias.strip()
         if not spec:
             raise ValueError(f"empty model spec in {text!r}")
+        source = _PREFIX.match(spec)
+        if source and f"{source.group(1).lower().replace('hf_hub', 'hf-hub')}:" not in _SOURCES:
+            raise ValueError(f"unknown model source {source.group(1)!r} in {text!r}: give a timm model name or "
+                             f"one of the sources {', '.join(_SOURCES)}")
         if not alias:
             bare = spec
             for prefix in _SOURCES:
@@ -75,6 +92,11 @@ class Preprocess:
         cfg = timm.data.resolve_model_data_config(model)
         _, h, w = cfg["input_size"]
         return cls(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"])
+
+    @classmethod
+    def from_anatomy(cls, anatomy) -> Preprocess:
+        """From what the engine read of the model (service/engine/adapters.Anatomy), whatever its source."""
+        return cls(size=anatomy.input_size, mean=anatomy.mean, std=anatomy.std, interpolation=anatomy.interpolation)
 
     @property
     def resample(self) -> Image.Resampling:
@@ -116,7 +138,12 @@ def _as_list(labels, n: int) -> list[str] | None:
 
 
 def create(spec: ModelSpec) -> nn.Module:
-    """The timm model with its pretrained weights (hub, hub cache or local folder), in eval mode."""
+    """The model with its pretrained weights (hub, hub cache or local folder), in eval mode: timm's, or
+    a transformers classifier (service/hf_models.py)."""
+    if spec.source == "transformers":
+        from service import hf_models
+
+        return hf_models.load(spec.spec.removeprefix("transformers:"))
     return timm.create_model(spec.spec, pretrained=True).eval()
 
 

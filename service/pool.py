@@ -121,7 +121,7 @@ class ServedModel:
                 engine = Engine(copy.deepcopy(model), device, self.dtype, name=self.name)
                 engine.warmup(methods.warmup_jobs())
                 engines.append(engine)
-        self.preprocess = models.Preprocess.from_model(model)
+        self.preprocess = models.Preprocess.from_anatomy(engines[0].anatomy)
         self.engines = engines
 
     def worker(self, engine: Engine) -> Callable[[list[Item]], list[Result | BaseException]]:

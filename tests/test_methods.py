@@ -221,13 +221,34 @@ def test_engine_leaves_weights_frozen_and_model_unchanged(setups):
 @pytest.mark.parametrize(
     "kwargs, why",
     [
-        (dict(model_name="vit_tiny_patch16_224", class_token=False, global_pool="avg"), "class token"),
-        (dict(model_name="resnet10t"), "blocks"),
+        (dict(model_name="resnet10t"), "no `blocks` of global self-attention"),
+        (dict(model_name="convnext_atto"), "no `blocks` of global self-attention"),
+        (dict(model_name="swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1)), "windowed attention"),
+        (dict(model_name="vit_tiny_patch16_224", depth=2, global_pool="max"), "global_pool='max'"),
+        (dict(model_name="vit_tiny_patch16_224", depth=2, global_pool="prr"), "AttentionPoolPrr has no adapter"),
+        (dict(model_name="vit_tiny_patch16_224", depth=2, class_token=False, global_pool="map",
+              pool_include_prefix=False), None),
     ],
 )
 def test_models_the_methods_cannot_serve_are_refused(kwargs, why):
     model = timm.create_model(pretrained=False, **kwargs)
+    if why is None:  # a MAP head with two latent queries: two rows, none of them the one explained
+        model.attn_pool.latent_len = 2
+        model.attn_pool.latent = torch.nn.Parameter(model.attn_pool.latent.repeat(1, 2, 1))
+        why = "2 latent queries"
     with pytest.raises(UnsupportedModel, match=why):
+        Engine(model, torch.device("cpu"))
+
+
+def test_an_attention_the_table_does_not_know_is_refused_by_its_class():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
+
+    class MyAttention(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model.blocks[1].attn = MyAttention()
+    with pytest.raises(UnsupportedModel, match="MyAttention has no adapter"):
         Engine(model, torch.device("cpu"))
 
 

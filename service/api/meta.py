@@ -32,7 +32,8 @@ async def list_models(ctx: ContextDep) -> list[rs.ModelInfo]:
     for m in ctx.pool.models.values():
         e = m.engine
         shape = dict(grid=e.grid, classes=len(m.labels), prefix_tokens=e.prefix, layers=e.num_layers,
-                     heads=e.num_heads, head_dim=e.head_dim, embed_dim=e.shape.embed_dim) if e else {}
+                     heads=e.num_heads, head_dim=e.head_dim, embed_dim=e.shape.embed_dim, source=e.anatomy.source,
+                     family=e.anatomy.family, pooling=e.anatomy.pooling) if e else {}
         out.append(rs.ModelInfo(
             name=m.name, spec=m.spec.spec, status=m.status, reason=m.reason,
             device=", ".join(str(d) for d in m.devices), replicas=len(m.engines), default=m is default, **shape,

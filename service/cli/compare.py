@@ -94,6 +94,9 @@ def _local(args, settings: list[dict[str, Any]]) -> dict[str, Any]:
 
     try:
         spec = models.ModelSpec.parse(args.model or DEFAULT_MODELS[-1])
+    except ValueError as e:  # an unknown source: a usage error, as for serve
+        raise Refused(USAGE, str(e)) from None
+    try:
         model = models.create(spec)
         engine = Engine(model, torch.device(args.device), name=spec.alias)
     except Exception as e:  # noqa: BLE001 - a model that cannot load is the user's to fix
@@ -105,7 +108,7 @@ def _local(args, settings: list[dict[str, Any]]) -> dict[str, Any]:
         raise Refused(USAGE, f"--faithfulness-steps must be 1 to {rq.MAX_FAITHFULNESS_STEPS}")
     try:
         chosen = cmp.validate([(s["method"], s["params"]) for s in settings], engine.shape)
-        target = models.Preprocess.from_model(model).target()
+        target = models.Preprocess.from_anatomy(engine.anatomy).target()
         x = torch.from_numpy(imaging.prepare(args.image.read_bytes(), 40_000_000, target).pixels)  # (H, W, 3) uint8
     except (cmp.BadSettings, imaging.ImageError) as e:
         raise Refused(REFUSED, f"{args.image}: {e}") from None

@@ -186,7 +186,7 @@ class Local:
         spec = models.ModelSpec.parse(spec or DEFAULT_MODELS[-1])
         model = models.create(spec)
         self.engine = Engine(model, torch.device(device), name=spec.alias)
-        self.preprocess = models.Preprocess.from_model(model)
+        self.preprocess = models.Preprocess.from_anatomy(self.engine.anatomy)
 
     def run(self, method: Method, params: dict, image: Path | None, fmt: str, progress,
             target: Path | None) -> bytes:
@@ -260,6 +260,13 @@ def _run(args, method: Method, params: dict, out, err) -> int:
         raise Refused(USAGE, "several images need -o FOLDER")
     fmt = _output_format(args, method, many)
     targets = _targets(args.out, images, fmt, method.name)
+    if not args.server and args.model:
+        from service import models
+
+        try:
+            models.ModelSpec.parse(args.model)
+        except ValueError as e:  # an unknown source: a usage error, as for serve
+            raise Refused(USAGE, str(e)) from None
     try:
         runner = (Remote(args.server, args.api_key, args.model, args.deadline, args.max_answer_mb) if args.server
                   else Local(args.model, args.device))

@@ -4,7 +4,7 @@ The engine (service/engine/engine.py) knows a method only through what this modu
 
     ModelShape   what a method may know about the model it runs on
     Needs        what one job asks of the forward pass (autograd or plain, reductions, q/k, outputs)
-    FuseHeads, ClassRow, WholeAttention
+    FuseHeads, ExplainedRow, WholeAttention
                  the reductions of a block's attention the plain pass can keep (`Needs.reduce`)
     Captured     what a pass captured, cut to the rows of one group of jobs
     Job          one image's method and its validated parameters
@@ -47,6 +47,31 @@ class ModelShape:
     labels: tuple[str, ...] = ()
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the model's input normalisation
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # what the classifier reads, which sets the explained row (docs/how-it-works.md): "token" the class
+    # token (row 0); "avg" the mean of the patch tokens (rows P:); "map" an attention-pooling head, captured
+    # as block `layers` (one more layer, a single row over the tokens pool_skip..)
+    pooling: str = "token"
+    pool_skip: int = 0
+
+    @property
+    def pool(self) -> frozenset[int]:
+        """The pooling head's block index ({layers}) when the model has one, else nothing."""
+        return frozenset({self.layers}) if self.pooling == "map" else frozenset()
+
+    def explained(self, start: int = 0) -> frozenset[int]:
+        """The blocks start .. L-1 whose attention a rollout needs, and the pooling head whatever start is."""
+        return frozenset(range(start, self.layers)) | self.pool
+
+    def row(self, like: torch.Tensor, n: int, pool: torch.Tensor | None = None) -> torch.Tensor:
+        """The explained row (B, N) over the tokens (ops.explained); pool: the pooling head's row (B, N - skip)
+        as the method weighs it, when the model has one."""
+        return ops.explained(self.pooling, self.prefix, n, like, pool, self.pool_skip)
+
+    def tokens(self, row: torch.Tensor, n: int) -> torch.Tensor:
+        """A pooling head's row (..., N - skip) placed over all N tokens (zero on those it skips)."""
+        out = row.new_zeros(*row.shape[:-1], n)
+        out[..., self.pool_skip :] = row
+        return out
 
     @property
     def classes(self) -> int:
@@ -68,42 +93,48 @@ class FuseHeads:
     buffer: ClassVar[str] = "fused"
 
     @staticmethod
-    def shape(heads: int, n: int) -> tuple[int, ...]:
-        return (n, n)
+    def shape(heads: int, rows: int, n: int) -> tuple[int, ...]:
+        return (rows, n)
 
     def __call__(self, a: torch.Tensor, out: torch.Tensor) -> None:
-        ops.fuse_heads(a, self.fusion, out=out)  # a (b, H, N, N) -> out (b, N, N)
+        ops.fuse_heads(a, self.fusion, out=out)  # a (b, H, Nq, N) -> out (b, Nq, N)
 
 
 @dataclass(frozen=True)
-class ClassRow:
-    """Keep the class token's row A_l[:, 0, :] (H, N) per image."""
+class ExplainedRow:
+    """Keep the explained row of A_l (H, N) per image: the class token's row A_l[:, 0, :] (patches_from
+    None), or the mean of the patch tokens' rows A_l[:, P:, :] (patches_from P). An attention with a
+    single row (a pooling head's) keeps that row."""
 
-    buffer: ClassVar[str] = "cls"
+    patches_from: int | None = None
+    buffer: ClassVar[str] = "row"
 
     @staticmethod
-    def shape(heads: int, n: int) -> tuple[int, ...]:
+    def shape(heads: int, rows: int, n: int) -> tuple[int, ...]:
         return (heads, n)
 
     def __call__(self, a: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(a[:, :, 0])
+        if self.patches_from is None or a.shape[2] == 1:
+            out.copy_(a[:, :, 0])
+        else:
+            torch.mean(a[:, :, self.patches_from :], dim=2, out=out)
 
 
 @dataclass(frozen=True)
 class WholeAttention:
-    """Keep A_l (H, N, N) per image, whole: for computing several methods' maps from one pass (POST /compare)."""
+    """Keep A_l (H, Nq, N) per image, whole: for computing several methods' maps from one pass (POST /compare)."""
 
     buffer: ClassVar[str] = "whole"
 
     @staticmethod
-    def shape(heads: int, n: int) -> tuple[int, ...]:
-        return (heads, n, n)
+    def shape(heads: int, rows: int, n: int) -> tuple[int, ...]:
+        return (heads, rows, n)
 
     def __call__(self, a: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(a)
 
 
-Reduction = FuseHeads | ClassRow | WholeAttention
+Reduction = FuseHeads | ExplainedRow | WholeAttention
 
 
 @dataclass(frozen=True)
@@ -129,7 +160,8 @@ class Captured:
     """What a pass captured, for the rows of one group of jobs. Per block lists are in block order.
 
     reduced  block -> (b, ...) the `reduce` of the group (plain pass)
-    attn     per block (b, H, N, N) post-softmax, float32, and grads dy_c/dA (autograd pass)
+    attn     per block (b, H, N, N) post-softmax, float32, and grads dy_c/dA (autograd pass); a pooling
+             head's (b, H, 1, N') last, at index `layers`
     q, k     block -> (b, H, N, D)
     features block -> (b, N, C)
     """

@@ -18,13 +18,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 
-import timm
 import torch
 from torch import nn
 
-from service import models
-from service.engine import faithfulness
-from service.engine.capture import attention_modules, capture, install_hooks
+from service.engine import adapters, faithfulness
+from service.engine.capture import capture, install
 from service.engine.contract import Captured, Job, ModelShape, Needs, Prediction, Reduction, Result
 
 TOP_K = 5
@@ -40,25 +38,21 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        attns = attention_modules(self.model)
-        self.num_layers = len(attns)
-        self.num_heads = attns[0].num_heads
-        self.head_dim = attns[0].head_dim
-        self.prefix = int(self.model.num_prefix_tokens)
-        self.grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
-        # (H, W) the model takes. Not grid x patch: a hybrid ViT's conv stem shrinks the image before its
-        # patch projection (vit_tiny_r_s16_p8_224: 224 -> 56 px features -> 8 px patches -> 7 x 7 grid).
-        img_size = getattr(self.model.patch_embed, "img_size", None)
-        if img_size is None:  # dynamic-size embeddings record none; their patches tile the input
-            img_size = [g * p for g, p in zip(self.grid, self.model.patch_embed.patch_size)]
-        self.input_size = tuple(int(s) for s in img_size)
-        cfg = timm.data.resolve_model_data_config(self.model)
+        self.anatomy = adapters.describe(self.model)  # UnsupportedModel when it cannot be explained
+        an = self.anatomy
+        self.num_layers = an.layers
+        self.num_heads = an.heads
+        self.head_dim = an.head_dim
+        self.prefix = an.prefix
+        self.grid = an.grid
+        self.input_size = an.input_size
         self.shape = ModelShape(
-            name=name, grid=self.grid, prefix=self.prefix, layers=self.num_layers, heads=self.num_heads,
-            head_dim=self.head_dim, embed_dim=int(self.model.embed_dim), input_size=self.input_size,
-            labels=tuple(models.class_labels(self.model)), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+            name=name, grid=an.grid, prefix=an.prefix, layers=an.layers, heads=an.heads, head_dim=an.head_dim,
+            embed_dim=an.embed_dim, input_size=an.input_size, labels=an.labels, mean=an.mean, std=an.std,
+            pooling=an.pooling, pool_skip=an.pool_skip,
         )
-        self._hooks = install_hooks(self.model)
+        self._capture = install(an)
+        self.forward = an.forward  # (B, 3, H, W) -> logits (B, classes)
         # the input normalisation, made once on the device (prepare): (1, 3, 1, 1) each
         self._mean = torch.tensor(self.shape.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.shape.std, device=device).view(1, 3, 1, 1)
@@ -134,7 +128,7 @@ class Engine:
         qk = frozenset().union(*(n.qk for n in needs))
         features = frozenset().union(*(n.features for n in needs))
         with torch.enable_grad(), capture(qk_layers=qk, feature_layers=features) as store:
-            logits = self.model(self.shape.normalize(x))
+            logits = self.forward(self.shape.normalize(x))
             value = torch.zeros(len(jobs), device=x.device)
             loss = torch.zeros(len(jobs), device=x.device)
             for idx in _group(jobs).values():
@@ -152,7 +146,7 @@ class Engine:
         """The faithfulness curves that `asks` name of the maps of results[idx], whose inputs are x
         (b, 3, H, W): all of their perturbed copies through the model together, in chunks."""
         chunk = FAITHFULNESS_CHUNK.get(x.device.type, 32)
-        for i, curves in zip(idx, faithfulness.score(self.model, x, asks, self.grid, chunk)):
+        for i, curves in zip(idx, faithfulness.score(self.forward, x, asks, self.grid, chunk)):
             results[i] = replace(results[i], faithfulness=curves)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +160,7 @@ class Engine:
         qk = frozenset().union(*(n.qk for n in needs))
         features = frozenset().union(*(n.features for n in needs))
         with torch.inference_mode(), capture(attn_layers, qk, take=reduced, feature_layers=features) as store:
-            logits = self.model(x)
+            logits = self.forward(x)
             maps: list = [None] * len(jobs)
             for idx in _group(jobs).values():
                 first = jobs[idx[0]]
@@ -178,16 +172,16 @@ class Engine:
         return [Result(maps=m, predictions=p) for m, p in zip(maps, preds)]
 
     def _run_grad(self, x: torch.Tensor, jobs: Sequence[Job], needs: Sequence[Needs]) -> list[Result]:
-        layers = range(self.num_layers)
+        layers = [*range(self.num_layers), *sorted(self.shape.pool)]  # the blocks, then the pooling head if any
         # The image requires grad only so that autograd records a graph: the weights never do,
         # and torch.autograd.grad below walks back only as far as the attention tensors.
         x = x.detach().requires_grad_(True)
         with torch.enable_grad(), capture(attn_layers=frozenset(layers)) as store:
-            logits = self.model(x)
+            logits = self.forward(x)
             cats = torch.tensor([n.grad_class for n in needs], device=logits.device)
             target = logits.gather(1, cats[:, None]).sum()  # images are independent: sum of own logits
             attn = [store.attn[b] for b in layers]
-            grads = torch.autograd.grad(target, attn)  # per block dy/dA (B, H, N, N)
+            grads = torch.autograd.grad(target, attn)  # per block dy/dA (B, H, Nq, N)
         with torch.no_grad():
             attn = [a.detach().float() for a in attn]
             grads = [g.float() for g in grads]
@@ -216,14 +210,14 @@ class _Reduced:
 
     def __call__(self, block: int, rows: slice, attn: torch.Tensor) -> None:
         for start, stop, reduce in _runs(self.needs, block, rows):
-            a = attn[start - rows.start : stop - rows.start].float()  # (b, H, N, N)
+            a = attn[start - rows.start : stop - rows.start].float()  # (b, H, Nq, N)
             reduce(a, out=self._buffer(reduce, block, a)[start:stop])  # straight into the buffer: no temporary
 
     def _buffer(self, reduce: Reduction, block: int, a: torch.Tensor) -> torch.Tensor:
         store = self.buffers[reduce.buffer]
         if block not in store:
-            _, h, n, _ = a.shape
-            store[block] = a.new_empty(len(self.needs), *reduce.shape(h, n))
+            _, h, nq, n = a.shape
+            store[block] = a.new_empty(len(self.needs), *reduce.shape(h, nq, n))
         return store[block]
 
     def of(self, needs: Needs) -> dict[int, torch.Tensor]:

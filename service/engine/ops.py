@@ -7,7 +7,8 @@ and tensors out, on whatever device they arrive.
 Definitions (per image; see docs/how-it-works.md):
   fuse(X)      mean, max or min over heads
   discard(F,r) zero the floor(r*N*N) smallest entries of F, never F[0, 0]
-  rollout      R = Â_L ... Â_1 with Â_l = rownorm(F_l + I); the map is R[0, P:] / max
+  rollout      R = Â_L ... Â_1 with Â_l = rownorm(F_l + I); the map is (e R)[P:] / max, e the explained
+               row: e_0 (class token), the mean over the patch tokens, or a pooling head's attention row
 """
 
 from __future__ import annotations
@@ -104,15 +105,35 @@ def _kth_torch(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.kthvalue(k, dim=-1, keepdim=True).values
 
 
-def rollout_row(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Row 0 of Â_L ... Â_1, with Â_l = rownorm(W_l + I), for W_l (B, N, N) >= 0 in block order.
+def explained(pooling: str, prefix: int, n: int, like: torch.Tensor, pool: torch.Tensor | None = None,
+              skip: int = 0) -> torch.Tensor:
+    """The explained row e (B, N) over the N tokens, in like's dtype and device (B = like.shape[0]):
+    token  e_0, the class token
+    avg    1 / (N - P) on each patch token (the mean of the patch tokens' rows)
+    map    the pooling head's row pool (B, N - skip), its keys being the tokens skip.. (zero before)"""
+    e = like.new_zeros(like.shape[0], n)
+    if pooling == "map":
+        e[:, skip:] = pool
+    elif pooling == "avg":
+        e[:, prefix:] = 1.0 / (n - prefix)
+    else:
+        e[:, 0] = 1.0
+    return e
+
+
+def rollout_row(weights: Sequence[torch.Tensor], e: torch.Tensor | None = None) -> torch.Tensor:
+    """e^T Â_L ... Â_1, with Â_l = rownorm(W_l + I), for W_l (B, N, N) >= 0 in block order and the
+    explained row e (B, N) (None: e_0, row 0).
 
     Computed as a vector times the chain, last block first: O(L*N^2), never an N x N product.
     With d = rowsum(W) + 1: v^T Â = (v/d)^T W + (v/d)^T.
     """
     b, n, _ = weights[0].shape
-    v = torch.zeros(b, n, dtype=weights[0].dtype, device=weights[0].device)
-    v[:, 0] = 1.0
+    if e is None:
+        v = torch.zeros(b, n, dtype=weights[0].dtype, device=weights[0].device)
+        v[:, 0] = 1.0
+    else:
+        v = e.to(weights[0].dtype)
     for w in reversed(weights):
         u = v / (w.sum(dim=-1) + 1.0)  # (B, N)
         v = torch.bmm(u.unsqueeze(1), w).squeeze(1) + u
@@ -130,14 +151,16 @@ def patch_map(row: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Te
     return row[..., prefix:].reshape(*row.shape[:-1], *grid)
 
 
-def rollout(fused: Sequence[torch.Tensor], discard_ratio: float, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+def rollout(fused: Sequence[torch.Tensor], discard_ratio: float, prefix: int, grid: tuple[int, int],
+            e: torch.Tensor | None = None) -> torch.Tensor:
     """Attention Rollout from each block's weights F_l (B, N, N) >= 0 -> masks (B, gh, gw) in [0, 1].
 
-    W_l = discard(F_l, ratio), then row 0 of the rollout over the patches, divided by its max.
-    The F_l may be changed in place. Rollout and gradient rollout differ only in their F_l.
+    W_l = discard(F_l, ratio), then the explained row e (B, N) (None: row 0) of the rollout over the
+    patches, divided by its max. The F_l may be changed in place. Rollout and gradient rollout differ
+    only in their F_l (and their pooling head's row, within e).
     """
     weights = [discard_lowest(f, discard_ratio) for f in fused]
-    return normalize_max(patch_map(rollout_row(weights), prefix, grid))
+    return normalize_max(patch_map(rollout_row(weights, e), prefix, grid))
 
 
 def unit_pixels(pixels: np.ndarray) -> torch.Tensor:

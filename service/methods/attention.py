@@ -1,5 +1,7 @@
-"""The class token's attention in every block: A_l[head, 0, P:] per block (or fused over heads),
-each map divided by its max. The post's per-layer view of where the class token looks."""
+"""The explained row's attention in every block: A_l[head, 0, P:] per block (or fused over heads), each
+map divided by its max. The post's per-layer view of where the class token looks. A model that reads no
+class token: the mean over the patch tokens' rows; with an attention-pooling head, one more map, the
+head's own attention."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from schemas import requests as rq
 from schemas import responses as rs
 from service import imaging
 from service.engine import ops
-from service.engine.contract import Captured, ClassRow, ModelShape, Needs, Result
+from service.engine.contract import Captured, ExplainedRow, ModelShape, Needs, Result
 from service.methods.base import OnePassMethod
 from service.methods.registry import register
 
@@ -42,10 +44,14 @@ class LayerAttention(OnePassMethod):
     Response = rs.AttentionResponse
 
     def needs(self, p: AttentionParams, shape: ModelShape) -> Needs:
-        return Needs(reduce=ClassRow(), layers=frozenset(range(shape.layers)))
+        return Needs(reduce=ExplainedRow(None if shape.pooling == "token" else shape.prefix),
+                     layers=frozenset(range(shape.layers)) | shape.pool)
 
     def compute(self, p: AttentionParams, c: Captured, shape: ModelShape) -> torch.Tensor:
-        return class_attention([c.reduced[b] for b in range(shape.layers)], p.head, shape.prefix, shape.grid)
+        rows = [c.reduced[b] for b in range(shape.layers)]  # per block (b, H, N)
+        if shape.pool:
+            rows.append(shape.tokens(c.reduced[shape.layers], rows[0].shape[-1]))
+        return class_attention(rows, p.head, shape.prefix, shape.grid)
 
     def to_json(self, p: AttentionParams, r: Result, shape: ModelShape) -> dict[str, Any]:
         return {"model": shape.name, "params": self.echo(p), "grid": shape.grid, "layers": r.maps.tolist()}

@@ -50,11 +50,11 @@ class Compare(OnePassMethod):
     def needs(self, p: CompareJob, shape: ModelShape) -> Needs:
         if p.category_id is not None:
             return Needs(grad_class=p.category_id)
-        return Needs(reduce=WholeAttention(), layers=frozenset(range(shape.layers)))
+        return Needs(reduce=WholeAttention(), layers=frozenset(range(shape.layers)) | shape.pool)
 
     def compute(self, p: CompareJob, c: Captured, shape: ModelShape) -> torch.Tensor:
         """-> (b, S, gh, gw): the map of every setting, in order."""
-        whole = c.attn or [c.reduced[b] for b in range(shape.layers)]  # per block (b, H, N, N)
+        whole = c.attn or [c.reduced[b] for b in range(shape.layers + len(shape.pool))]  # per block (b, H, Nq, N)
         maps = []
         for name, sp in p.settings:
             method = REGISTRY[name]
@@ -65,7 +65,7 @@ class Compare(OnePassMethod):
                 reduced = {}
                 for b in sorted(n.layers):
                     a = whole[b].float()
-                    reduced[b] = a.new_empty(a.shape[0], *n.reduce.shape(a.shape[1], a.shape[2]))
+                    reduced[b] = a.new_empty(a.shape[0], *n.reduce.shape(*a.shape[1:]))
                     n.reduce(a, out=reduced[b])
                 own = Captured(logits=c.logits, reduced=reduced)
             maps.append(method.compute(sp, own, shape))

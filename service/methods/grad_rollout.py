@@ -1,7 +1,8 @@
 """Gradient Attention Rollout: class-specific rollout, weighting the attention by its gradient.
 
 Per image and class c, for blocks l = s .. L-1: F_l = max(fuse(A_l * dy_c/dA_l), 0), y_c the
-pre-softmax logit of class c; then discard, +I, rownorm, product and mask as rollout does.
+pre-softmax logit of class c; then discard, +I, rownorm, product and mask as rollout does. An
+attention-pooling head's row is max(fuse(a_pool * dy_c/da_pool), 0), with no discard and no + I.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ class GradRolloutParams(rq.Faithful):
 
 
 def weights(attn: list[torch.Tensor], grads: list[torch.Tensor], fusion: rq.Fusion) -> list[torch.Tensor]:
-    """Per block max(fuse(A * dy/dA), 0): (b, H, N, N) x2 -> (b, N, N)."""
+    """Per block max(fuse(A * dy/dA), 0): (b, H, Nq, N) x2 -> (b, Nq, N)."""
     return [ops.fuse_heads(a * g, fusion).clamp_min(0.0) for a, g in zip(attn, grads)]
+
+
+def explained_row(c: Captured, shape: ModelShape, fusion: rq.Fusion) -> torch.Tensor:
+    """The explained row (b, N) of an autograd pass: the pooling head weighs its row like a block."""
+    a = c.attn[0]
+    pool = weights(c.attn[shape.layers :], c.grads[shape.layers :], fusion)[0][:, 0] if shape.pool else None
+    return shape.row(a, a.shape[-1], pool)
 
 
 @register
@@ -40,5 +48,5 @@ class GradRollout(MaskMethod):
         return Needs(grad_class=p.category_id)
 
     def compute(self, p: GradRolloutParams, c: Captured, shape: ModelShape) -> torch.Tensor:
-        w = weights(c.attn[p.start_layer :], c.grads[p.start_layer :], p.head_fusion)
-        return ops.rollout(w, p.discard_ratio, shape.prefix, shape.grid)
+        w = weights(c.attn[p.start_layer : shape.layers], c.grads[p.start_layer : shape.layers], p.head_fusion)
+        return ops.rollout(w, p.discard_ratio, shape.prefix, shape.grid, explained_row(c, shape, p.head_fusion))

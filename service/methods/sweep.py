@@ -20,7 +20,7 @@ from schemas import responses as rs
 from service import budget, imaging
 from service.engine import ops
 from service.engine.contract import Captured, FuseHeads, ModelShape, Needs, Result
-from service.methods import grad_rollout
+from service.methods import grad_rollout, rollout
 from service.methods.base import OnePassMethod, predictions
 from service.methods.registry import register
 
@@ -71,9 +71,11 @@ class GradRolloutSweepParams(_SweepFields):
     start_layer: int = rq.start_layer()
 
 
-def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Rollout masks at every ratio from the same per-block weights (b, N, N) -> (b, R, gh, gw)."""
-    return torch.stack([ops.rollout([w.clone() for w in weights], r, prefix, grid) for r in ratios], dim=1)
+def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, grid: tuple[int, int],
+          e: torch.Tensor) -> torch.Tensor:
+    """Rollout masks at every ratio from the same per-block weights (b, N, N) and explained row e (b, N)
+    -> (b, R, gh, gw)."""
+    return torch.stack([ops.rollout([w.clone() for w in weights], r, prefix, grid, e) for r in ratios], dim=1)
 
 
 class _Sweep(OnePassMethod):
@@ -136,11 +138,11 @@ class RolloutSweep(_Sweep):
     of = "rollout"
 
     def needs(self, p: RolloutSweepParams, shape: ModelShape) -> Needs:
-        return Needs(reduce=FuseHeads(p.head_fusion), layers=frozenset(range(p.start_layer, shape.layers)))
+        return Needs(reduce=FuseHeads(p.head_fusion), layers=shape.explained(p.start_layer))
 
     def compute(self, p: RolloutSweepParams, c: Captured, shape: ModelShape) -> torch.Tensor:
         fused = [c.reduced[b] for b in range(p.start_layer, shape.layers)]
-        return sweep(fused, p.discard_ratios, shape.prefix, shape.grid)
+        return sweep(fused, p.discard_ratios, shape.prefix, shape.grid, rollout.fused_row(c, shape, fused[0]))
 
 
 @register
@@ -156,5 +158,7 @@ class GradRolloutSweep(_Sweep):
         return Needs(grad_class=p.category_id)
 
     def compute(self, p: GradRolloutSweepParams, c: Captured, shape: ModelShape) -> torch.Tensor:
-        w = grad_rollout.weights(c.attn[p.start_layer :], c.grads[p.start_layer :], p.head_fusion)
-        return sweep(w, p.discard_ratios, shape.prefix, shape.grid)
+        w = grad_rollout.weights(c.attn[p.start_layer : shape.layers], c.grads[p.start_layer : shape.layers],
+                                 p.head_fusion)
+        e = grad_rollout.explained_row(c, shape, p.head_fusion)
+        return sweep(w, p.discard_ratios, shape.prefix, shape.grid, e)
