@@ -1,5 +1,5 @@
-"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit), D (request path) and E
-(faithfulness), print, write docs/bench/."""
+"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit), D (request path), E
+(faithfulness) and F (the capture per family), print, write docs/bench/."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
-from bench import faithfulness, inprocess, path, report, served, toolkit
+from bench import capture, faithfulness, inprocess, path, report, served, toolkit
 from bench.client import ENDPOINTS
 from service import runtime
 
@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="part D's request body (default auto: raw image/jpeg when the server takes it, else multipart)")
     p.add_argument("--path-cases", default=",".join(path.ALL_KEYS), help=f"subset of {','.join(path.ALL_KEYS)}")
     p.add_argument("--skip-faithfulness", action="store_true", help="no part E (the faithfulness option's cost)")
+    p.add_argument("--skip-capture", action="store_true", help="no part F (engine rollout / bare forward per family)")
+    p.add_argument("--capture-families", default=",".join(capture.FAMILIES),
+                   help=f"part F's families, from {','.join(capture.FAMILIES)}")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
@@ -112,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_faithfulness:
         print("E) the faithfulness option's cost against steps x 2 bare forwards")
         results["faithfulness"] = faithfulness.cost(preset["timing"], preset["faithfulness_steps"])
+
+    results["capture"] = None
+    if not args.skip_capture:
+        print("F) the capture per family: engine rollout against its own bare forward, one thread")
+        results["capture"] = capture.run(args.capture_families.split(","), 2 if args.quick else 16,
+                                         2 if args.quick else 8)
 
     results["targets"] = report.targets(engine, results["served"], plain) + path.targets(results["path"])
     results["targets"] += faithfulness.targets(results["faithfulness"])

@@ -121,6 +121,28 @@ def _has_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
+def run(fams: list[str], batch: int, reps: int, threads: int = 1, log=print) -> dict[str, dict]:
+    """{family: figures} at one batch size, on `threads` intra-op threads (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return {f: {"batch": batch, **measure(f, batch, reps, log)} for f in fams}
+    finally:
+        torch.set_num_threads(before)
+
+
+def render(figs: dict[str, dict]) -> list[str]:
+    """Part F of results.md: one row per family."""
+    lines = ["", "## The capture per family: engine rollout / its own bare forward, one thread (part F)", "",
+             "| family | batch | bare ms (wall / CPU) | rollout ms (wall / CPU) | ratio (wall / CPU) |",
+             "|---|---:|---:|---:|---:|"]
+    for fam, f in figs.items():
+        lines.append(f"| {fam} | {f['batch']} | {f['bare']['wall']:.1f} / {f['bare']['cpu']:.1f} | "
+                     f"{f['rollout']['wall']:.1f} / {f['rollout']['cpu']:.1f} | "
+                     f"{f['ratio_wall']:.3f} / {f['ratio_cpu']:.3f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.capture", description=__doc__)
     p.add_argument("--batch", type=int, default=16)
@@ -128,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--families", default=",".join([*FAMILIES, *(TRANSFORMERS if _has_transformers() else ())]))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     print(f"capture cost, {args.threads} thread(s), torch {torch.__version__}, timm {timm.__version__}")
-    for fam in args.families.split(","):
-        measure(fam, args.batch, args.reps)
+    run(args.families.split(","), args.batch, args.reps, args.threads)
     return 0
 
 

@@ -195,6 +195,10 @@ def render(results: dict) -> str:
         from bench import path
 
         lines += path.render(results["path"])
+    if results.get("capture"):
+        from bench import capture
+
+        lines += capture.render(results["capture"])
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")

@@ -25,7 +25,7 @@ def test_bench_quick_plumbing(tmp_path):
     out = tmp_path / "bench"
     assert main(["--quick", "--batches", "1", "--clients", "1,2", "--endpoints", "rollout-json",
                  "--batching", "default", "--duration", "1.5", "--warmup", "0.2", "--path-cases", "rollout-json",
-                 "--out", str(out)]) == 0
+                 "--capture-families", "near-zero", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["engine"]) == {"bare", "rollout", "grad_rollout", "grad_floor", "fwd_full_bwd", "naive"}
     assert set(results["plain_process"]) == {"bare", "grad_floor"}  # the issue-check reference, own process
@@ -36,8 +36,10 @@ def test_bench_quick_plumbing(tmp_path):
     assert results["served"]["peak_rss_mb"]["default"] > 0
     assert {t["name"] for t in results["targets"]}  # every target is listed, even when n/a
     assert [c["case"] for c in results["path"]["cases"]] == ["rollout-json"]  # part D, one case
+    assert set(results["capture"]) == {"near-zero"} and results["capture"]["near-zero"]["ratio_cpu"] > 0  # part F
     assert any("server CPU per request" in t["name"] for t in results["targets"])
     text = (out / "results.md").read_text()
+    assert "| near-zero | 2 |" in text  # part F's row
     assert "Targets" in text and "part D" in text and (out / "MACHINE.md").exists()
 
 

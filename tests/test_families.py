@@ -123,6 +123,23 @@ def test_the_anatomy_reads_what_the_classifier_reads(built):
     assert res.maps.shape == (engine.num_layers + 1, 6, 6)  # every block, then the pooling head
 
 
+def test_a_deep_copy_of_an_installed_model_captures_with_its_own_weights(built):
+    """The capturing forward is bound to its module: a deep copy of the model binds the copy's."""
+    engine, _, x = built["beit"]
+    twin, bare = copy.deepcopy(engine.model), families.make("beit", seed=list(families.FAMILIES).index("beit"))
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), bare.parameters()):
+            p.mul_(0.5)
+            q.mul_(0.5)
+    own = Engine(bare, torch.device("cpu")).model
+    with torch.no_grad(), capture_module.capture(attn_layers=frozenset({0, 1})) as got:
+        twin(x[:1])
+    with torch.no_grad(), capture_module.capture(attn_layers=frozenset({0, 1})) as want:
+        own(x[:1])
+    for b in (0, 1):
+        torch.testing.assert_close(got.attn[b], want.attn[b], rtol=1e-4, atol=1e-6)
+
+
 # -- a capture of the wrong tensor is caught --------------------------------------------------------------
 def _before_bias(a: adapters.Adapter) -> adapters.Adapter:
     return dataclasses.replace(a, split=lambda *args, **kw: a.split(*args, **kw)._replace(bias=None))

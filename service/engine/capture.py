@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -149,20 +150,19 @@ def install(anatomy: Anatomy) -> Installed:
         if adapter.bind is not None:  # it calls `attend` from its own attention function
             adapter.bind(mod, i)
             continue
-        mod.forward = _adapted(i, mod, adapter)
+        # bound to the module, so that a deep copy of the model binds its copy (copy.deepcopy rebinds methods)
+        mod.forward = types.MethodType(_adapted(i, adapter), mod)
         done.modules.append(mod)
     for i, blk in enumerate(anatomy.blocks):
         done.hooks.append(blk.register_forward_hook(_on_block_output(i)))
     return done
 
 
-def _adapted(i: int, mod: nn.Module, adapter: Adapter) -> Callable[..., torch.Tensor]:
-    own = type(mod).forward.__get__(mod)
-
-    def forward(*args, **kwargs) -> torch.Tensor:
+def _adapted(i: int, adapter: Adapter) -> Callable[..., torch.Tensor]:
+    def forward(mod: nn.Module, *args, **kwargs) -> torch.Tensor:
         store = _ACTIVE.get()
         if store is None or (i not in store.attn_layers and i not in store.qk_layers):
-            return own(*args, **kwargs)
+            return type(mod).forward(mod, *args, **kwargs)  # the module's own
         q, k, v, mask, scale = adapter.split(mod, *args, **kwargs)
         if i in store.qk_layers:
             store.q[i], store.k[i] = q, k
