@@ -20,18 +20,21 @@ A pixel (r, c) belongs to patch (floor(r * gh / H), floor(c * gw / W)).
 Every perturbed copy of every image that asked goes through the model in chunks of `chunk`
 images, whatever method, image or request they come from; copies that are equal by definition
 (the image itself, the fully removed image, equal counts when k > P) are computed once per image
-and class. Plain forward passes: no capture, under inference_mode.
+and class. Plain forward passes: no capture, under inference_mode. Between chunks the copies of
+an image whose request has ended are dropped (its deadline passed, its client left).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from service.engine.contract import Stop
 
 TRUNCATE = 4.0  # the blur's taps reach ceil(TRUNCATE * sigma) pixels
 
@@ -137,9 +140,15 @@ class _Copy:
     class_id: int
 
 
-def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[int, int],
-          chunk: int) -> list[list[Curves]]:
-    """x (B, 3, H, W) the inputs the model sees, asks[i] image i's maps -> per image, per frame, Curves."""
+def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[int, int], chunk: int,
+          stops: Sequence[Stop | None] | None = None,
+          between: Callable[[], None] | None = None) -> list[list[Curves] | BaseException]:
+    """x (B, 3, H, W) the inputs the model sees, asks[i] image i's maps -> per image, per frame, Curves.
+
+    Between chunks, stops[i] (when given) says whether image i's request has ended: its copies not
+    yet run are dropped, and its entry is the error it stops with, not curves; the other images' copies
+    run on (each copy's probability is its own, whatever chunk it runs in). `between` is
+    called between chunks, outside inference mode (the batcher answers waiting requests there)."""
     b, _, h, w = x.shape
     gh, gw = grid
     p = gh * gw
@@ -179,9 +188,19 @@ def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[in
             plan[-1].append((dele, ins))
     rank_rows = torch.stack(rank_rows)  # (rows, P)
     probs = torch.empty(len(copies), dtype=torch.float64, device=device)
-    with torch.inference_mode():
-        for start in range(0, len(copies), chunk):
-            part = copies[start : start + chunk]
+    todo = list(range(len(copies)))  # the copies still to run, in order
+    stopped: dict[int, BaseException] = {}  # image -> the error its request ended with
+    while todo:
+        if stops is not None:
+            ended = {i: why for i, stop in enumerate(stops)
+                     if i not in stopped and stop is not None and (why := stop())}
+            if ended:
+                stopped |= ended
+                todo = [j for j in todo if copies[j].image not in stopped]
+                continue
+        ids, todo = todo[:chunk], todo[chunk:]
+        part = [copies[j] for j in ids]
+        with torch.inference_mode():
             img = torch.tensor([c.image for c in part], device=device)
             rows = torch.tensor([c.frame for c in part], device=device)
             lo = torch.tensor([c.lo for c in part], device=device)[:, None, None]
@@ -191,10 +210,15 @@ def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[in
             inputs = torch.where(show, x[img], base[img])  # (n, 3, H, W)
             logits = model(inputs).double()  # (n, classes)
             cls = torch.tensor([c.class_id for c in part], device=device)
-            probs[start : start + len(part)] = logits.softmax(dim=-1).gather(1, cls[:, None])[:, 0]
+            probs[torch.tensor(ids, device=device)] = logits.softmax(dim=-1).gather(1, cls[:, None])[:, 0]
+        if between is not None and todo:
+            between()
     values = probs.cpu().tolist()
-    out = []
-    for a, frames in zip(asks, plan):
+    out: list[list[Curves] | BaseException] = []
+    for i, (a, frames) in enumerate(zip(asks, plan)):
+        if i in stopped:
+            out.append(stopped[i])
+            continue
         per = []
         for cls, (dele, ins) in zip(a.classes, frames):
             d, n = [values[j] for j in dele], [values[j] for j in ins]
