@@ -66,7 +66,15 @@ async def _unless_gone(request: Request, work: asyncio.Future) -> Any:
         return work.result()
     finally:
         work.cancel()  # a cancelled submit drops its item from the queue before it is computed
+        work.add_done_callback(_retrieved)
         watcher.cancel()
+
+
+def _retrieved(f: asyncio.Future) -> None:
+    """Mark the outcome of work no one awaits any more as seen (a cancelled gather ends with an exception
+    that asyncio would otherwise log as never retrieved)."""
+    if not f.cancelled():
+        f.exception()
 
 
 async def _compute(ctx: AppContext, request: Request, served: ServedModel, job: Job, blobs: list[bytes],
