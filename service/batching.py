@@ -273,23 +273,23 @@ class Batcher(Generic[T, R]):
         if not self._pending:  # a deque's length, read without the loop: cheap, and wrong only for a moment
             return
         taken: Future = Future()
-        gone = threading.Event()
+        lock = threading.Lock()  # the items are taken, or this thread has given up on them: not both
+        gone = False
 
         def take() -> None:  # on the loop
-            if gone.is_set():
-                taken.set_result([])
-                return
-            n = min(self.max_batch_size, len(self._pending))
-            taken.set_result([it for it in (self._pending.popleft() for _ in range(n)) if not it.future.done()])
+            with lock:
+                if gone:
+                    return
+                n = min(self.max_batch_size, len(self._pending))
+                taken.set_result([it for it in (self._pending.popleft() for _ in range(n)) if not it.future.done()])
 
         try:
             loop.call_soon_threadsafe(take)
             batch = taken.result(timeout=INTERLUDE_TAKE_S)
         except (RuntimeError, TimeoutError):  # the loop is closed, or too busy to answer: go on with the batch
-            gone.set()
-            if not (taken.done() and taken.result()):
-                return
-            batch = taken.result()
+            with lock:
+                gone = True
+                batch = taken.result() if taken.done() else []
         if not batch:
             return
         started = time.monotonic()
