@@ -119,6 +119,32 @@ def _armed_run(engine: Engine, counter: _Counter, x: torch.Tensor, jobs: list) -
         del engine._score
 
 
+def test_a_chunk_whose_images_have_all_stopped_ends_within_a_block(tiny_engine, monkeypatch):
+    """One chunk holds every copy: the stop falls during its forward pass, which ends before the next block."""
+    monkeypatch.setitem(engine_mod.FAITHFULNESS_CHUNK, "cpu", 10_000)
+    method = REGISTRY["grad-rollout"]
+    params = method.Params(category_id=1, faithfulness=True, faithfulness_steps=32)
+    first, last = tiny_engine.model.blocks[0], tiny_engine.model.blocks[-1]
+    seen = {"first": 0, "last": 0, "armed": False}
+    hooks = [first.register_forward_hook(lambda *_: seen.__setitem__("first", seen["first"] + seen["armed"])),
+             last.register_forward_hook(lambda *_: seen.__setitem__("last", seen["last"] + seen["armed"]))]
+    original = tiny_engine._score
+
+    def score(*args, **kw):
+        seen["armed"] = True
+        return original(*args, **kw)
+
+    monkeypatch.setattr(tiny_engine, "_score", score)
+    stop = Job(method, params, stop=lambda: TimeoutError("test deadline") if seen["first"] else None)
+    try:
+        (out,) = tiny_engine.run(torch.zeros(1, 64, 64, 3, dtype=torch.uint8), [stop])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert isinstance(out, TimeoutError)
+    assert seen["first"] == 1 and seen["last"] == 0, f"the chunk ran on past its stop: {seen}"
+
+
 def test_a_job_stopped_before_the_pass_is_left_out_and_its_error_is_its_answer(tiny_engine):
     method = REGISTRY["rollout"]
     params = method.Params()

@@ -26,8 +26,9 @@ an image whose request has ended are dropped (its deadline passed, its client le
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,33 @@ def removed(x: torch.Tensor, how: str, patch: tuple[float, float]) -> torch.Tens
 
 
 # -- scoring a batch -------------------------------------------------------------------------------
+class _ChunkStopped(Exception):
+    """Every image of the chunk in flight has stopped: the rest of its forward pass is skipped."""
+
+
+@contextlib.contextmanager
+def _abort_when_stopped(model: nn.Module, stops: Sequence[Stop | None] | None) -> Iterator[list[int]]:
+    """While scoring: before each block of the model (timm's `blocks`), a check that the images of the
+    chunk in flight (the list yielded, set per chunk) have not all stopped, so that a chunk of nobody's
+    copies ends within a block, not a whole forward pass, after its requests end."""
+    chunk_of: list[int] = []
+    blocks = getattr(model, "blocks", None)
+    if not stops or all(s is None for s in stops) or not isinstance(blocks, nn.Module):
+        yield chunk_of
+        return
+
+    def check(_module: nn.Module, _args: tuple) -> None:
+        if chunk_of and all(stops[i] is not None and stops[i]() is not None for i in chunk_of):
+            raise _ChunkStopped()
+
+    handles = [b.register_forward_pre_hook(check) for b in blocks.children()]
+    try:
+        yield chunk_of
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass(frozen=True)
 class _Copy:
     """One perturbed input: image `image`, showing x where lo <= rank < hi (frame `frame`'s ranks), else removed."""
@@ -190,29 +218,37 @@ def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[in
     probs = torch.empty(len(copies), dtype=torch.float64, device=device)
     todo = list(range(len(copies)))  # the copies still to run, in order
     stopped: dict[int, BaseException] = {}  # image -> the error its request ended with
-    while todo:
-        if stops is not None:
-            ended = {i: why for i, stop in enumerate(stops)
-                     if i not in stopped and stop is not None and (why := stop())}
-            if ended:
-                stopped |= ended
+    with _abort_when_stopped(model, stops) as chunk_of:
+        while todo:
+            if stops is not None:
+                ended = {i: why for i, stop in enumerate(stops)
+                         if i not in stopped and stop is not None and (why := stop())}
+                if ended:
+                    stopped |= ended
+                    todo = [j for j in todo if copies[j].image not in stopped]
+                    continue
+            ids, todo = todo[:chunk], todo[chunk:]
+            part = [copies[j] for j in ids]
+            chunk_of[:] = sorted({c.image for c in part})
+            try:
+                with torch.inference_mode():
+                    img = torch.tensor([c.image for c in part], device=device)
+                    rows = torch.tensor([c.frame for c in part], device=device)
+                    lo = torch.tensor([c.lo for c in part], device=device)[:, None, None]
+                    hi = torch.tensor([c.hi for c in part], device=device)[:, None, None]
+                    pr = rank_rows[rows][:, pix]  # (n, H, W) each pixel's patch's rank
+                    show = ((pr >= lo) & (pr < hi))[:, None]  # (n, 1, H, W)
+                    inputs = torch.where(show, x[img], base[img])  # (n, 3, H, W)
+                    logits = model(inputs).double()  # (n, classes)
+                    cls = torch.tensor([c.class_id for c in part], device=device)
+                    probs[torch.tensor(ids, device=device)] = logits.softmax(dim=-1).gather(1, cls[:, None])[:, 0]
+            except _ChunkStopped:  # every image of the chunk has stopped (the check is monotonic: it stays so)
+                stopped |= {i: stops[i]() for i in chunk_of if i not in stopped}
                 todo = [j for j in todo if copies[j].image not in stopped]
                 continue
-        ids, todo = todo[:chunk], todo[chunk:]
-        part = [copies[j] for j in ids]
-        with torch.inference_mode():
-            img = torch.tensor([c.image for c in part], device=device)
-            rows = torch.tensor([c.frame for c in part], device=device)
-            lo = torch.tensor([c.lo for c in part], device=device)[:, None, None]
-            hi = torch.tensor([c.hi for c in part], device=device)[:, None, None]
-            pr = rank_rows[rows][:, pix]  # (n, H, W) each pixel's patch's rank
-            show = ((pr >= lo) & (pr < hi))[:, None]  # (n, 1, H, W)
-            inputs = torch.where(show, x[img], base[img])  # (n, 3, H, W)
-            logits = model(inputs).double()  # (n, classes)
-            cls = torch.tensor([c.class_id for c in part], device=device)
-            probs[torch.tensor(ids, device=device)] = logits.softmax(dim=-1).gather(1, cls[:, None])[:, 0]
-        if between is not None and todo:
-            between()
+            chunk_of.clear()  # no chunk in flight: the forwards `between` runs are not checked against it
+            if between is not None and todo:
+                between()
     values = probs.cpu().tolist()
     out: list[list[Curves] | BaseException] = []
     for i, (a, frames) in enumerate(zip(asks, plan)):
