@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import socket
 import threading
@@ -143,6 +144,35 @@ def test_a_chunk_whose_images_have_all_stopped_ends_within_a_block(tiny_engine, 
             h.remove()
     assert isinstance(out, TimeoutError)
     assert seen["first"] == 1 and seen["last"] == 0, f"the chunk ran on past its stop: {seen}"
+
+
+def test_a_batch_answered_between_two_blocks_of_a_chunk_gets_the_answer_it_gets_alone(tiny_engine, monkeypatch):
+    """`between` runs while a chunk's forward pass is in flight (before each block) and out of inference
+    mode: a gradient pass with its own scoring works there, and neither answer changes."""
+    monkeypatch.setitem(engine_mod.FAITHFULNESS_CHUNK, "cpu", 8)
+    outer, inner = REGISTRY["grad-rollout"], REGISTRY["gae"]
+    po = outer.Params(category_id=1, faithfulness=True, faithfulness_steps=16)
+    pi = inner.Params(category_id=2, faithfulness=True, faithfulness_steps=8)
+    xo = torch.from_numpy(np.array(smooth_image(6, (64, 64))))[None]
+    xi = xo.flip(1)
+    (alone_o,) = tiny_engine.run(xo, [outer.job(po)])
+    (alone_i,) = tiny_engine.run(xi, [inner.job(pi)])
+    calls, nested = {"n": 0, "in_block": 0}, []
+
+    def between() -> None:
+        calls["n"] += 1
+        calls["in_block"] += not torch.is_inference_mode_enabled() and any(
+            f.function == "_call_impl" for f in inspect.stack(0)[:12])
+        if not nested:
+            nested.extend(tiny_engine.run(xi, [inner.job(pi)]))
+
+    (got,) = tiny_engine.run(xo, [outer.job(po)], between=between)
+    assert calls["in_block"] >= 1, "the premise: between ran inside a forward pass"
+    for want, have in ((alone_o, got), (alone_i, nested[0])):
+        assert np.allclose(want.maps, have.maps, rtol=1e-5, atol=1e-7)
+        for a, b in zip(want.faithfulness, have.faithfulness):
+            assert a.deletion == pytest.approx(b.deletion, rel=1e-4, abs=1e-6)
+            assert a.insertion == pytest.approx(b.insertion, rel=1e-4, abs=1e-6)
 
 
 def test_a_job_stopped_before_the_pass_is_left_out_and_its_error_is_its_answer(tiny_engine):

@@ -135,19 +135,34 @@ class _ChunkStopped(Exception):
 
 
 @contextlib.contextmanager
-def _abort_when_stopped(model: nn.Module, stops: Sequence[Stop | None] | None) -> Iterator[list[int]]:
-    """While scoring: before each block of the model (timm's `blocks`), a check that the images of the
+def _between_blocks(model: nn.Module, stops: Sequence[Stop | None] | None,
+                    between: Callable[[], None] | None) -> Iterator[list[int]]:
+    """While scoring, before each block of the model (timm's `blocks`): a check that the images of the
     chunk in flight (the list yielded, set per chunk) have not all stopped, so that a chunk of nobody's
-    copies ends within a block, not a whole forward pass, after its requests end."""
+    copies ends within a block, not a whole forward pass, after its requests end; then `between`, out
+    of inference mode, so that a request waiting for the replica waits for a block, not a chunk. The
+    forwards that `between` runs pass the hooks unchecked."""
     chunk_of: list[int] = []
     blocks = getattr(model, "blocks", None)
-    if not stops or all(s is None for s in stops) or not isinstance(blocks, nn.Module):
+    stops = stops if stops and any(s is not None for s in stops) else None
+    if (stops is None and between is None) or not isinstance(blocks, nn.Module):
         yield chunk_of
         return
+    inside = False
 
     def check(_module: nn.Module, _args: tuple) -> None:
-        if chunk_of and all(stops[i] is not None and stops[i]() is not None for i in chunk_of):
+        nonlocal inside
+        if inside or not chunk_of:
+            return
+        if stops is not None and all(stops[i] is not None and stops[i]() is not None for i in chunk_of):
             raise _ChunkStopped()
+        if between is not None:
+            inside = True
+            try:
+                with torch.inference_mode(False):
+                    between()
+            finally:
+                inside = False
 
     handles = [b.register_forward_pre_hook(check) for b in blocks.children()]
     try:
@@ -176,7 +191,8 @@ def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[in
     Between chunks, stops[i] (when given) says whether image i's request has ended: its copies not
     yet run are dropped, and its entry is the error it stops with, not curves; the other images' copies
     run on (each copy's probability is its own, whatever chunk it runs in). `between` is
-    called between chunks, outside inference mode (the batcher answers waiting requests there)."""
+    called between chunks and between the blocks of a chunk's forward pass, outside inference mode
+    (the batcher answers waiting requests there)."""
     b, _, h, w = x.shape
     gh, gw = grid
     p = gh * gw
@@ -218,7 +234,7 @@ def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[in
     probs = torch.empty(len(copies), dtype=torch.float64, device=device)
     todo = list(range(len(copies)))  # the copies still to run, in order
     stopped: dict[int, BaseException] = {}  # image -> the error its request ended with
-    with _abort_when_stopped(model, stops) as chunk_of:
+    with _between_blocks(model, stops, between) as chunk_of:
         while todo:
             if stops is not None:
                 ended = {i: why for i, stop in enumerate(stops)
