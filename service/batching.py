@@ -31,7 +31,7 @@ A background batch starts when every open session (`open_session`) has submitted
 A long foreground batch (one that scores the faithfulness of many maps) calls `interlude` between
 its units of work: when foreground items wait meanwhile, the worker answers a batch of them there,
 in its own thread, and then goes on, so that a small request beside a huge one waits for one unit
-(a chunk of forward passes), not for the whole of it.
+(a block of the forward pass of a chunk of faithfulness copies), not for the whole of it.
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ _local = threading.local()  # the worker thread's `interlude`, while it runs a f
 
 
 def interlude() -> None:
-    """Called by compute that runs in units (the chunks of faithfulness scoring) between them: when
+    """Called by compute that runs in units (the chunks of faithfulness scoring, their blocks) between them: when
     foreground requests wait for this model, answer a batch of them now, in this worker's thread, so
     that a small request beside a long batch waits for one unit, not for the whole batch. A no-op
     outside a batcher's foreground batch."""
