@@ -27,6 +27,11 @@ a worker takes background items only when no foreground item waits, and at most
 is always free for explanations and with one replica an explanation waits at most one step.
 A background batch starts when every open session (`open_session`) has submitted its next step, or
 `max_delay_ms` after the worker became free: concurrent sessions step together.
+
+A long foreground batch (one that scores the faithfulness of many maps) calls `interlude` between
+its units of work: when foreground items wait meanwhile, the worker answers a batch of them there,
+in its own thread, and then goes on, so that a small request beside a huge one waits for one unit
+(a block of the forward pass of a chunk of faithfulness copies), not for the whole of it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -235,24 +240,94 @@ class Batcher(Generic[T, R]):
             started = time.monotonic()
             self._background_running += background
             try:
-                ex = background_executor if background else executor
-                outcomes = list(await loop.run_in_executor(ex, fn, [it.payload for it in batch]))
-                if len(outcomes) != len(batch):
-                    raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
+                if background:
+                    outcomes = list(await loop.run_in_executor(background_executor, fn, [it.payload for it in batch]))
+                    if len(outcomes) != len(batch):
+                        raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
+                else:
+                    outcomes = await loop.run_in_executor(executor, self._foreground, fn, loop, batch, 0)
             except Exception as e:  # noqa: BLE001 - the batch's callers get the error, the worker goes on
                 outcomes = [e] * len(batch)
             finally:
                 self._background_running -= background
             free_since = time.monotonic()
-            if self._on_batch is not None and not background:
-                self._on_batch([started - it.enqueued for it in batch], free_since - started)
-            for it, out in zip(batch, outcomes):
-                if it.future.done():
-                    continue
-                if isinstance(out, BaseException):
-                    it.future.set_exception(out)
-                else:
-                    it.future.set_result(out)
+            self._deliver(batch, outcomes, started, free_since, background)
+
+    def _foreground(self, fn: Worker, loop: asyncio.AbstractEventLoop, batch: list[_Item[T]],
+                    depth: int) -> list:
+        """In the worker's thread: fn over the batch, with `interlude` able to answer waiting
+        requests between its units of work (up to MAX_INTERLUDES deep)."""
+        previous = getattr(_local, "interlude", None)
+        _local.interlude = (lambda: self._interlude(fn, loop, depth + 1)) if depth < MAX_INTERLUDES else None
+        try:
+            outcomes = list(fn([it.payload for it in batch]))
+        finally:
+            _local.interlude = previous
+        if len(outcomes) != len(batch):
+            raise RuntimeError(f"worker answered {len(outcomes)} results for {len(batch)} items")
+        return outcomes
+
+    def _interlude(self, fn: Worker, loop: asyncio.AbstractEventLoop, depth: int) -> None:
+        """In the worker's thread, between units of a long batch: when foreground items wait, take
+        a batch of them from the loop and answer it now, in this thread, then return to the long one."""
+        if not self._pending:  # a deque's length, read without the loop: cheap, and wrong only for a moment
+            return
+        taken: Future = Future()
+        lock = threading.Lock()  # the items are taken, or this thread has given up on them: not both
+        gone = False
+
+        def take() -> None:  # on the loop
+            with lock:
+                if gone:
+                    return
+                n = min(self.max_batch_size, len(self._pending))
+                taken.set_result([it for it in (self._pending.popleft() for _ in range(n)) if not it.future.done()])
+
+        try:
+            loop.call_soon_threadsafe(take)
+            batch = taken.result(timeout=INTERLUDE_TAKE_S)
+        except (RuntimeError, TimeoutError):  # the loop is closed, or too busy to answer: go on with the batch
+            with lock:
+                gone = True
+                batch = taken.result() if taken.done() else []
+        if not batch:
+            return
+        started = time.monotonic()
+        try:
+            outcomes = self._foreground(fn, loop, batch, depth)
+        except Exception as e:  # noqa: BLE001 - the batch's callers get the error, the long batch goes on
+            outcomes = [e] * len(batch)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no one waits for them
+            loop.call_soon_threadsafe(self._deliver, batch, outcomes, started, time.monotonic(), False)
+
+    def _deliver(self, batch: list[_Item[T]], outcomes: Sequence, started: float, ended: float,
+                 background: bool) -> None:
+        """On the loop: each item's outcome to its caller (who may have given up)."""
+        if self._on_batch is not None and not background:
+            self._on_batch([started - it.enqueued for it in batch], ended - started)
+        for it, out in zip(batch, outcomes):
+            if it.future.done():
+                continue
+            if isinstance(out, BaseException):
+                it.future.set_exception(out)
+            else:
+                it.future.set_result(out)
+
+
+# Foreground batches answered inside a long one, one inside the other at most this deep.
+MAX_INTERLUDES = 2
+INTERLUDE_TAKE_S = 5.0  # longest wait for the loop to hand over the waiting items
+_local = threading.local()  # the worker thread's `interlude`, while it runs a foreground batch
+
+
+def interlude() -> None:
+    """Called by compute that runs in units (the chunks of faithfulness scoring, their blocks) between them: when
+    foreground requests wait for this model, answer a batch of them now, in this worker's thread, so
+    that a small request beside a long batch waits for one unit, not for the whole batch. A no-op
+    outside a batcher's foreground batch."""
+    hook = getattr(_local, "interlude", None)
+    if hook is not None:
+        hook()
 
 
 BACKGROUND_NICE = 10  # Linux CFS weight 110 against 1024 at nice 0: about a tenth of a contended core

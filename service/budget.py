@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import time
 from collections import deque
+from collections.abc import Callable
 
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
@@ -47,6 +48,25 @@ def check_deadline(what: str = "the request") -> None:
         raise Abandoned(f"{what} stopped: {held.stopped}")
 
 
+def stop_signal() -> Callable[[], BaseException | None] | None:
+    """The current request's deadline and lease as one cheap check for threads outside its context
+    (a model replica's batch, which holds several requests' images): -> the error its work stops
+    with now (TimeoutError past its deadline, Abandoned when its client left or was answered), else
+    None. None outside a request."""
+    due, held = deadline.get(), lease.get()
+    if due is None and held is None:
+        return None
+
+    def why() -> BaseException | None:
+        if held is not None and held.stopped:
+            return Abandoned(f"the work stopped: {held.stopped}")
+        if due is not None and time.monotonic() > due:
+            return TimeoutError("the work ran past the request timeout")
+        return None
+
+    return why
+
+
 def remaining() -> float | None:
     due = deadline.get()
     return None if due is None else due - time.monotonic()
@@ -55,11 +75,12 @@ def remaining() -> float | None:
 class Budget:
     """FIFO counting semaphore over `capacity` units, for the event loop's thread only."""
 
-    def __init__(self, capacity: int, name: str) -> None:
+    def __init__(self, capacity: int, name: str, limit: str = "") -> None:
         if capacity < 1:
             raise ValueError("a budget needs a capacity of at least 1")
         self.capacity = capacity
         self.name = name
+        self.limit = limit  # how the limit is set (a flag), named in the refusal of a request over it
         self.used = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
 
@@ -72,7 +93,9 @@ class Budget:
     async def take(self, n: int, wait_s: float) -> None:
         """Take n units, waiting up to wait_s behind earlier takers; Busy when that is not enough."""
         if n > self.capacity:
-            raise OverBudget(f"{n} {self.name} in one request, more than the {self.capacity} the service holds at once")
+            where = f" ({self.limit})" if self.limit else ""
+            raise OverBudget(f"{n} {self.name} in one request, more than the {self.capacity} the service holds at once"
+                             f"{where}")
         if self.try_take(n):
             return
         if wait_s <= 0:

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="pixels decoded or drawn at once across all requests; beyond it a request waits up to 5 s, "
         "then 503 (default: 2 x --max-pixels)",
     )
+    max_forwards_in_flight: int = Field(
+        20_000, ge=1,
+        description="forward passes of faithfulness scoring (images x frames x settings x (steps + 1) x 2) committed "
+        "at once across all requests; a request that needs more is refused (413), beyond it a request waits up to "
+        "5 s, then 503",
+    )
     max_bodies_mb: float | None = Field(
         None, gt=0, description="request body megabytes held at once across all requests, beyond it 503 "
         "(default: 4 x --max-upload-mb)"

@@ -20,7 +20,7 @@ import huggingface_hub
 import numpy as np
 import torch
 
-from service import methods, models
+from service import batching, methods, models
 from service.batching import Batcher, BatchObserver
 from service.engine import device_decode
 from service.engine.contract import Job, ModelShape, Result
@@ -133,7 +133,7 @@ class ServedModel:
             jobs = [j for _, j in items]
             if jobs[0].method.kind == "long":
                 return engine.step([state for state, _ in items], jobs)
-            return engine.run(self.pixels(engine, [x for x, _ in items]), jobs)
+            return engine.run(self.pixels(engine, [x for x, _ in items]), jobs, between=batching.interlude)
 
         return lambda items: isolate_failures(run, items)
 

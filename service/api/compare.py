@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas import requests as rq
 from schemas import responses as rs
+from service import budget
 from service.api.bodies import prescan_json
 from service.api.deps import ContextDep
 from service.api.explain import _decode_all, _schema, _unless_gone
@@ -109,11 +111,13 @@ async def compare(request: Request, ctx: ContextDep) -> JSONResponse:
     settings = settings_of(body, shape)
     plan = cmp.plan(settings, shape, body.faithfulness_steps, body.removal, body.order)
     target = served.preprocess.target()  # a JSON answer: the model's input only
-    await admit_images(request, blobs, target)
+    await admit_images(request, blobs, target, forwards=sum(job.method.forwards(job.params) for job, _ in plan))
     async with asyncio.timeout(ctx.settings.request_timeout_s):
         with served.batcher.arriving(len(plan)):  # the jobs count against the queue like images
             [decoded] = await run_in_threadpool(_decode_all, ctx, target, blobs)
-            submits = [asyncio.ensure_future(served.batcher.submit((decoded.pixels, job))) for job, _ in plan]
+            stop = budget.stop_signal()  # the engine stops the jobs' work when the request ends
+            submits = [asyncio.ensure_future(served.batcher.submit((decoded.pixels, replace(job, stop=stop))))
+                       for job, _ in plan]
         try:
             results = await _unless_gone(request, asyncio.gather(*submits))
         finally:

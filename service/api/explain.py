@@ -12,6 +12,7 @@ import json
 import math
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas import responses as rs
 from schemas.media import MEDIA_TYPES
-from service import imaging
+from service import budget, imaging
 from service.api.deps import AppContext, ContextDep
 from service.api.echoes import header_safe
 from service.api.parsing import RAW_TYPES, admit_images, read_request
@@ -65,11 +66,20 @@ async def _unless_gone(request: Request, work: asyncio.Future) -> Any:
         return work.result()
     finally:
         work.cancel()  # a cancelled submit drops its item from the queue before it is computed
+        work.add_done_callback(_retrieved)
         watcher.cancel()
+
+
+def _retrieved(f: asyncio.Future) -> None:
+    """Mark the outcome of work no one awaits any more as seen (a cancelled gather ends with an exception
+    that asyncio would otherwise log as never retrieved)."""
+    if not f.cancelled():
+        f.exception()
 
 
 async def _compute(ctx: AppContext, request: Request, served: ServedModel, job: Job, blobs: list[bytes],
                    target: imaging.Target):
+    job = replace(job, stop=budget.stop_signal())  # the engine stops the job's work when the request ends
     with served.batcher.arriving(len(blobs)):  # a free worker waits for these rather than start without them
         decoded = await run_in_threadpool(_decode_all, ctx, target, blobs)
         submits = [asyncio.ensure_future(served.batcher.submit((d.encoded if d.pixels is None else d.pixels, job)))
@@ -109,7 +119,7 @@ async def explain(request: Request, ctx: AppContext, method: OnePassMethod) -> R
     # several images are answered as JSON: only a single image's answer may draw a picture
     canvas = method.canvas(params) if len(blobs) == 1 else None
     target = served.preprocess.target(canvas, keep_jpeg=ctx.settings.decode_on_device)
-    await admit_images(request, blobs, target, method.frames(params))
+    await admit_images(request, blobs, target, method.frames(params), method.forwards(params))
     async with asyncio.timeout(ctx.settings.request_timeout_s):
         images, results = await _compute(ctx, request, served, method.job(params), blobs, target)
     if len(results) > 1:

@@ -99,14 +99,18 @@ async def read_request(
     return params, images
 
 
-async def admit_images(request: Request, images: list[bytes], target: imaging.Target, frames: int = 1) -> None:
-    """Check every image's header in a worker thread (ImageError as decoding would raise it,
-    naming the image when there are several), then take from the budget shared by all requests
-    the pixels that decoding for `target` and drawing `frames` pictures will really hold (wait,
-    or Busy -> 503); the middleware gives them back when the request ends."""
+async def admit_images(request: Request, images: list[bytes], target: imaging.Target, frames: int = 1,
+                       forwards: int = 0) -> None:
+    """Take from the budget shared by all requests the forward passes that scoring the faithfulness
+    of the images' maps will run (`forwards` per image: refused with 413 naming the limit when they
+    can never fit, before anything else is done), check every image's header in a worker thread
+    (ImageError as decoding would raise it, naming the image when there are several), then take
+    the pixels that decoding for `target` and drawing `frames` pictures will really hold (wait, or
+    Busy -> 503); the middleware gives them back when the request's work has ended."""
     ctx = getattr(request.app.state, "ctx", None)
     if ctx is None or not images:
         return
+    await admission_for(request.app).take_forwards(forwards * len(images))
     max_pixels = ctx.settings.max_pixels
     declared = getattr(request.state, "raw_type", None)
 

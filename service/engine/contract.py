@@ -18,7 +18,7 @@ takes one batched step at a time (`Engine.step`). Nothing here imports service/m
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -233,12 +233,23 @@ class Stepwise(Protocol):
         """Take the step from the gradient (3, H, W) of value - penalty at `shifted`'s input."""
 
 
+# The error a job's work stops with now (its request ran past its deadline: TimeoutError; its
+# client left or was answered), else None: a cheap check (a flag and a clock read) the engine
+# makes between units of work, such as the chunks of faithfulness copies (service/budget.py
+# stop_signal makes them); the error is the job's answer.
+Stop = Callable[[], "BaseException | None"]
+
+
 @dataclass(frozen=True)
 class Job:
-    """One image's method and its validated (frozen) parameters."""
+    """One image's method and its validated (frozen) parameters, and its request's stop signal."""
 
     method: OnePass | Stepwise
     params: Any
+    stop: Stop | None = field(default=None, compare=False, repr=False)
+
+    def stopped(self) -> BaseException | None:
+        return None if self.stop is None else self.stop()
 
     @property
     def key(self) -> tuple:

@@ -9,13 +9,15 @@ The engine knows methods only by what their jobs declare (service/engine/contrac
 `run` answers a batch of one-pass jobs: it is split at most once, between the plain and the
 autograd pass. Within a pass every image gets its own method and parameters, and jobs with equal
 parameters are computed together; nothing about an image depends on its batch neighbours.
-`step` takes one step of a batch of long-work states.
+`step` takes one step of a batch of long-work states. A job whose request has ended (its
+deadline passed, its client left: `Job.stop`) is left out of the pass, and its faithfulness
+scoring stops at the next chunk.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 
 from service.engine import adapters, faithfulness
 from service.engine.capture import capture, install
-from service.engine.contract import Captured, Job, ModelShape, Needs, Prediction, Reduction, Result
+from service.engine.contract import Captured, Job, ModelShape, Needs, Prediction, Reduction, Result, Stop
 
 TOP_K = 5
 # Perturbed copies per forward pass of the faithfulness curves (service/engine/faithfulness.py).
@@ -58,16 +60,29 @@ class Engine:
         self._std = torch.tensor(self.shape.std, device=device).view(1, 3, 1, 1)
 
     # -- public -----------------------------------------------------------------------------
-    def run(self, images: torch.Tensor, jobs: Sequence[Job]) -> list[Result]:
+    def run(self, images: torch.Tensor, jobs: Sequence[Job],
+            between: Callable[[], None] | None = None) -> list[Result | BaseException]:
         """jobs[i] is image i's request. images, on any device, either
         (B, H, W, 3) uint8 pixels at the input size, as decoding makes them (`prepare` turns them
         into the model's input on the model's device, the whole batch at once), or
-        (B, 3, H, W) float, the model's input already (scaled and normalised)."""
+        (B, 3, H, W) float, the model's input already (scaled and normalised).
+
+        A job whose request has ended (`Job.stop`) before the pass is left out of it, and one that
+        ends while its maps are scored stops at the next chunk: its entry is the error it stopped with, and
+        its neighbours are answered as they would be without it. `between` is called between the
+        chunks of the scoring (the batcher answers waiting requests there: service/batching.py)."""
         if images.shape[0] != len(jobs):
             raise ValueError(f"{images.shape[0]} images for {len(jobs)} jobs")
+        ended = {i: why for i, j in enumerate(jobs) if (why := j.stopped())}
+        if ended:
+            answers: dict[int, Result | BaseException] = dict(ended)
+            live = [i for i in range(len(jobs)) if i not in ended]
+            if live:
+                answers |= dict(zip(live, self.run(images[live], [jobs[i] for i in live], between)))
+            return [answers[i] for i in range(len(jobs))]
         x = self.prepare(images)
         needs = [j.method.needs(j.params, self.shape) for j in jobs]
-        results: list[Result | None] = [None] * len(jobs)
+        results: list = [None] * len(jobs)
         grad_idx = [i for i, n in enumerate(needs) if n.grad_class is not None]
         plain_idx = [i for i, n in enumerate(needs) if n.grad_class is None]
         for idx, runner in ((plain_idx, self._run_plain), (grad_idx, self._run_grad)):
@@ -78,8 +93,9 @@ class Engine:
         asks = {i: j.method.faithfulness(j.params, results[i], self.shape) for i, j in enumerate(jobs)}
         scored = [i for i, ask in asks.items() if ask is not None]
         if scored:
-            self._score(x[scored] if len(scored) < len(jobs) else x, [asks[i] for i in scored], scored, results)
-        return results  # type: ignore[return-value]
+            self._score(x[scored] if len(scored) < len(jobs) else x, [asks[i] for i in scored], scored, results,
+                        [jobs[i].stop for i in scored], between)
+        return results
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 pixels -> (B, 3, H, W) the model's input on its device and in its dtype:
@@ -142,12 +158,18 @@ class Engine:
             (grad,) = torch.autograd.grad(loss.sum(), x)  # images are independent: sum of their own losses
         return value.detach(), grad.detach()
 
-    def _score(self, x: torch.Tensor, asks: Sequence[faithfulness.Ask], idx: list[int], results: list) -> None:
+    def _score(self, x: torch.Tensor, asks: Sequence[faithfulness.Ask], idx: list[int], results: list,
+               stops: Sequence[Stop | None], between: Callable[[], None] | None) -> None:
         """The faithfulness curves that `asks` name of the maps of results[idx], whose inputs are x
-        (b, 3, H, W): all of their perturbed copies through the model together, in chunks."""
+        (b, 3, H, W): all of their perturbed copies through the model together, in chunks; an image
+        whose request ends meanwhile (stops) gets the error it stopped with instead of its result."""
         chunk = FAITHFULNESS_CHUNK.get(x.device.type, 32)
-        for i, curves in zip(idx, faithfulness.score(self.forward, x, asks, self.grid, chunk)):
-            results[i] = replace(results[i], faithfulness=curves)
+        scored = faithfulness.score(self.forward, x, asks, self.grid, chunk, stops, between, self.anatomy.blocks)
+        for i, curves in zip(idx, scored):
+            if isinstance(curves, BaseException):
+                results[i] = curves
+            else:
+                results[i] = replace(results[i], faithfulness=curves)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and x.device.type == "cpu":

@@ -20,18 +20,22 @@ A pixel (r, c) belongs to patch (floor(r * gh / H), floor(c * gw / W)).
 Every perturbed copy of every image that asked goes through the model in chunks of `chunk`
 images, whatever method, image or request they come from; copies that are equal by definition
 (the image itself, the fully removed image, equal counts when k > P) are computed once per image
-and class. Plain forward passes: no capture, under inference_mode.
+and class. Plain forward passes: no capture, under inference_mode. Between chunks the copies of
+an image whose request has ended are dropped (its deadline passed, its client left).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from service.engine.contract import Stop
 
 TRUNCATE = 4.0  # the blur's taps reach ceil(TRUNCATE * sigma) pixels
 
@@ -126,6 +130,47 @@ def removed(x: torch.Tensor, how: str, patch: tuple[float, float]) -> torch.Tens
 
 
 # -- scoring a batch -------------------------------------------------------------------------------
+class _ChunkStopped(Exception):
+    """Every image of the chunk in flight has stopped: the rest of its forward pass is skipped."""
+
+
+@contextlib.contextmanager
+def _between_blocks(blocks: Sequence[nn.Module], stops: Sequence[Stop | None] | None,
+                    between: Callable[[], None] | None) -> Iterator[list[int]]:
+    """While scoring, before each block of the model (its anatomy's `blocks`): a check that the images of the
+    chunk in flight (the list yielded, set per chunk) have not all stopped, so that a chunk of nobody's
+    copies ends within a block, not a whole forward pass, after its requests end; then `between`, out
+    of inference mode, so that a request waiting for the replica waits for a block, not a chunk. The
+    forwards that `between` runs pass the hooks unchecked."""
+    chunk_of: list[int] = []
+    stops = stops if stops and any(s is not None for s in stops) else None
+    if (stops is None and between is None) or not blocks:
+        yield chunk_of
+        return
+    inside = False
+
+    def check(_module: nn.Module, _args: tuple) -> None:
+        nonlocal inside
+        if inside or not chunk_of:
+            return
+        if stops is not None and all(stops[i] is not None and stops[i]() is not None for i in chunk_of):
+            raise _ChunkStopped()
+        if between is not None:
+            inside = True
+            try:
+                with torch.inference_mode(False):
+                    between()
+            finally:
+                inside = False
+
+    handles = [b.register_forward_pre_hook(check) for b in blocks]
+    try:
+        yield chunk_of
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass(frozen=True)
 class _Copy:
     """One perturbed input: image `image`, showing x where lo <= rank < hi (frame `frame`'s ranks), else removed."""
@@ -137,9 +182,18 @@ class _Copy:
     class_id: int
 
 
-def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[int, int],
-          chunk: int) -> list[list[Curves]]:
-    """x (B, 3, H, W) the inputs the model sees, asks[i] image i's maps -> per image, per frame, Curves."""
+def score(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, asks: Sequence[Ask],
+          grid: tuple[int, int], chunk: int, stops: Sequence[Stop | None] | None = None,
+          between: Callable[[], None] | None = None,
+          blocks: Sequence[nn.Module] = ()) -> list[list[Curves] | BaseException]:
+    """x (B, 3, H, W) the inputs the model sees, asks[i] image i's maps -> per image, per frame, Curves.
+    `forward` maps inputs to logits; `blocks` are the model's blocks, where a stopped chunk is cut short.
+
+    Between chunks, stops[i] (when given) says whether image i's request has ended: its copies not
+    yet run are dropped, and its entry is the error it stops with, not curves; the other images' copies
+    run on (each copy's probability is its own, whatever chunk it runs in). `between` is
+    called between chunks and between the blocks of a chunk's forward pass, outside inference mode
+    (the batcher answers waiting requests there)."""
     b, _, h, w = x.shape
     gh, gw = grid
     p = gh * gw
@@ -179,22 +233,45 @@ def score(model: nn.Module, x: torch.Tensor, asks: Sequence[Ask], grid: tuple[in
             plan[-1].append((dele, ins))
     rank_rows = torch.stack(rank_rows)  # (rows, P)
     probs = torch.empty(len(copies), dtype=torch.float64, device=device)
-    with torch.inference_mode():
-        for start in range(0, len(copies), chunk):
-            part = copies[start : start + chunk]
-            img = torch.tensor([c.image for c in part], device=device)
-            rows = torch.tensor([c.frame for c in part], device=device)
-            lo = torch.tensor([c.lo for c in part], device=device)[:, None, None]
-            hi = torch.tensor([c.hi for c in part], device=device)[:, None, None]
-            pr = rank_rows[rows][:, pix]  # (n, H, W) each pixel's patch's rank
-            show = ((pr >= lo) & (pr < hi))[:, None]  # (n, 1, H, W)
-            inputs = torch.where(show, x[img], base[img])  # (n, 3, H, W)
-            logits = model(inputs).double()  # (n, classes)
-            cls = torch.tensor([c.class_id for c in part], device=device)
-            probs[start : start + len(part)] = logits.softmax(dim=-1).gather(1, cls[:, None])[:, 0]
+    todo = list(range(len(copies)))  # the copies still to run, in order
+    stopped: dict[int, BaseException] = {}  # image -> the error its request ended with
+    with _between_blocks(blocks, stops, between) as chunk_of:
+        while todo:
+            if stops is not None:
+                ended = {i: why for i, stop in enumerate(stops)
+                         if i not in stopped and stop is not None and (why := stop())}
+                if ended:
+                    stopped |= ended
+                    todo = [j for j in todo if copies[j].image not in stopped]
+                    continue
+            ids, todo = todo[:chunk], todo[chunk:]
+            part = [copies[j] for j in ids]
+            chunk_of[:] = sorted({c.image for c in part})
+            try:
+                with torch.inference_mode():
+                    img = torch.tensor([c.image for c in part], device=device)
+                    rows = torch.tensor([c.frame for c in part], device=device)
+                    lo = torch.tensor([c.lo for c in part], device=device)[:, None, None]
+                    hi = torch.tensor([c.hi for c in part], device=device)[:, None, None]
+                    pr = rank_rows[rows][:, pix]  # (n, H, W) each pixel's patch's rank
+                    show = ((pr >= lo) & (pr < hi))[:, None]  # (n, 1, H, W)
+                    inputs = torch.where(show, x[img], base[img])  # (n, 3, H, W)
+                    logits = forward(inputs).double()  # (n, classes)
+                    cls = torch.tensor([c.class_id for c in part], device=device)
+                    probs[torch.tensor(ids, device=device)] = logits.softmax(dim=-1).gather(1, cls[:, None])[:, 0]
+            except _ChunkStopped:  # every image of the chunk has stopped (the check is monotonic: it stays so)
+                stopped |= {i: stops[i]() for i in chunk_of if i not in stopped}
+                todo = [j for j in todo if copies[j].image not in stopped]
+                continue
+            chunk_of.clear()  # no chunk in flight: the forwards `between` runs are not checked against it
+            if between is not None and todo:
+                between()
     values = probs.cpu().tolist()
-    out = []
-    for a, frames in zip(asks, plan):
+    out: list[list[Curves] | BaseException] = []
+    for i, (a, frames) in enumerate(zip(asks, plan)):
+        if i in stopped:
+            out.append(stopped[i])
+            continue
         per = []
         for cls, (dele, ins) in zip(a.classes, frames):
             d, n = [values[j] for j in dele], [values[j] for j in ins]

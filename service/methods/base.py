@@ -158,6 +158,13 @@ class OnePassMethod(Method):
         classes = tuple(self.explained_classes(p, r, shape))
         return Ask(maps, classes, p.faithfulness_steps, p.removal, p.order)
 
+    def forwards(self, p: Params) -> int:
+        """The forward passes scoring this image's maps will cost at most, charged before admission:
+        frames x (steps + 1) x 2 when it asked, else 0."""
+        if not (self.faithful and getattr(p, "faithfulness", False)):
+            return 0
+        return self.frames(p) * (p.faithfulness_steps + 1) * 2
+
     def explained_classes(self, p: Params, r: Result, shape: ModelShape) -> list[int]:
         """The class each of the result's maps explains: `category_id` where the method has one, else
         the top prediction; one per map (frame) in `r.maps`."""

@@ -71,6 +71,10 @@ class Compare(OnePassMethod):
             maps.append(method.compute(sp, own, shape))
         return torch.stack(maps, dim=1)
 
+    def frames(self, p: CompareJob) -> int:
+        """One map per setting of the pass (scored like a sweep's frames); no picture is drawn."""
+        return len(p.settings)
+
     def explained_classes(self, p: CompareJob, r: Result, shape: ModelShape) -> list[int]:
         top = r.predictions[0].class_id
         return [top if getattr(sp, "category_id", None) is None else int(sp.category_id) for _, sp in p.settings]
