@@ -15,7 +15,7 @@ from schemas.requests import FAITHFULNESS_FIELDS, REQUEST_FIELDS
 from service.methods import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("service", "schemas")
+PACKAGES = ("service", "schemas", "bench", "demo")
 # Modules that run requests through methods without being methods: they may use what methods
 # declare (kind, Params, hooks), never a method's name or its own parameters.
 INFRASTRUCTURE = ("service/api", "service/engine", "service/cli", "service/pool.py", "service/batching.py",
@@ -31,15 +31,13 @@ MODULES = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.
 
 
 def imports(name: str) -> set[str]:
-    """The project modules `name` imports, at the top or inside functions."""
+    """The project modules `name` imports anywhere: at the top, inside functions, under `if TYPE_CHECKING:`.
+    An import that only runs late or only for the type checker still closes a circle: a sign that a name
+    lives in the wrong module."""
     tree = ast.parse(MODULES[name].read_text())
     package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
-    typing_only = {id(n) for node in ast.walk(tree)  # imports for annotations only are not circles
-                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
     out = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

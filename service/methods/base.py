@@ -32,7 +32,7 @@ from schemas.requests import FAITHFULNESS_FIELDS, REQUEST_FIELDS, Params
 from service import imaging
 from service.engine.contract import Captured, Job, ModelShape, Needs, Result
 from service.engine.faithfulness import Ask
-from service.methods.registry import param_infos
+from service.methods.params import param_infos
 
 Kind = Literal["one-pass", "long"]
 
