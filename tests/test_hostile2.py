@@ -233,6 +233,7 @@ def test_a_stream_at_the_request_timeout_ends_with_an_error_event(server):
     names = [n for n, _ in events]
     assert names[-1] == "error" and set(names[:-1]) == {"progress"}, names[-3:]
     assert f"longer than {REQUEST_TIMEOUT_S} s" in events[-1][1]["detail"]
+    assert events[-1][1]["status"] == 504  # the status the answer would have had: the client reads it, not the text
     assert REQUEST_TIMEOUT_S - 1 < took < REQUEST_TIMEOUT_S + 5
 
 

@@ -155,7 +155,8 @@ async def long_work(request: Request, ctx: AppContext, method: LongMethod) -> Re
     """`method.steps(params)` background steps, batched with the other sessions of the model.
 
     With `Accept: text/event-stream` the answer streams `progress` events ({"step", "total", "objective"})
-    as the steps run, then one `result` event (the JSON answer) or one `error` event ({"detail"}).
+    as the steps run, then one `result` event (the JSON answer) or one `error` event ({"status", "detail"}:
+    the status the answer would have had, 504 for the request timeout, and why).
     """
     params, blobs = await read_request(request, method.Params, method.images_per_request(ctx.settings.max_images),
                                        image_required=method.image == "required")
@@ -221,9 +222,10 @@ async def _events(ctx: AppContext, method: LongMethod, params, state, steps: Asy
         answer = await run_in_threadpool(method.to_json, params, method.result(params, state), shape)
         yield _sse("result", answer)
     except TimeoutError:
-        yield _sse("error", {"detail": f"the request took longer than {ctx.settings.request_timeout_s:g} s"})
+        yield _sse("error", {"status": 504,
+                             "detail": f"the request took longer than {ctx.settings.request_timeout_s:g} s"})
     except Exception as e:  # noqa: BLE001 - the status line is sent: report the failure in the stream
-        yield _sse("error", {"detail": str(e) or type(e).__name__})
+        yield _sse("error", {"status": 500, "detail": str(e) or type(e).__name__})
     finally:
         close()
 

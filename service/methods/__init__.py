@@ -1,7 +1,7 @@
 """Every explanation method, one module each, registered in REGISTRY in import order.
 
 Add a method (docs/methods.md): write its module over one of the two kinds in base.py
-(`OnePassMethod` or `LongMethod`), import it here, add its typed call to service/client.py (a test
+(`OnePassMethod` or `LongMethod`), import it here, add its typed call to service/client/methods.py (a test
 checks every method has one), its test, and its row to the README (`python -m service.methods`
 prints the table).
 """
