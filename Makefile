@@ -26,12 +26,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m service serve --host $(HOST) --port $(PORT) $(ARGS)
 
+# Three pytest-xdist workers: most tests wait on servers' sockets and timers, not on the two cores.
+# A module with a server stays on one worker (its server starts once); tests/conftest.py runs the tests
+# that bound a latency one at a time. The 25 slowest tests are printed, to keep the time visible.
+XDIST   ?= -n 3 --dist loadgroup
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST) --durations=25
 
 # The unit tests alone: no server, worker, Ray, browser or docker process (markers: tests/conftest.py)
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup --durations=10
 
 # ruff, configured in pyproject.toml [tool.ruff]; no formatter check (the tree is not ruff-formatted)
 lint: $(STAMP)

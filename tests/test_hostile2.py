@@ -277,6 +277,7 @@ def test_a_client_that_leaves_a_gif_sweep_frees_the_cpu_and_budgets_within_a_sec
         assert resp.status_code == 200, resp.text
 
 
+@pytest.mark.solo  # bounds a latency and counts the server's CPU
 @pytest.mark.slow
 def test_after_a_504_of_a_gif_sweep_the_cpu_and_budgets_are_free_within_a_second(model_dirs, big):
     """The timeout falls while the frames are drawn (11 ratios), or while they are quantized and
