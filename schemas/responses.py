@@ -34,7 +34,7 @@ class Faithfulness(_Out):
 
 class MaskResponse(_Out):
     model: str
-    method: str  # rollout, grad-rollout, gae
+    method: str  # the method's name: one declared comparable (GET /methods)
     params: dict[str, Any]
     grid: tuple[int, int]
     mask: Map
@@ -58,7 +58,7 @@ class QKResponse(_Out):
 
 class SweepResponse(_Out):
     model: str
-    method: str  # rollout or grad-rollout
+    method: str  # the name of the method swept
     params: dict[str, Any]
     grid: tuple[int, int]
     discard_ratios: list[float]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import get_args
 
 from schemas import responses as rs
-from service.methods.base import Method
+from schemas.requests import FAITHFULNESS_FIELDS
+from service.methods.base import MaskMethod, Method
 
 REGISTRY: dict[str, Method] = {}
 
@@ -20,5 +21,18 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r}: the default format must come first in its Literal")
     if cls.kind == "long" and not (set(cls.formats) <= {"json", "png"} and issubclass(cls.Response, rs.LongResponse)):
         raise ValueError(f"method {cls.name!r}: long work answers rs.LongResponse (json) or its picture (png)")
+    _check_declarations(cls)
     REGISTRY[cls.name] = cls()
     return cls
+
+
+def _check_declarations(cls: type[Method]) -> None:
+    """`faithful` and `comparable` declared by the method itself (never inherited by accident), and true."""
+    for attr in ("faithful", "comparable"):
+        if not isinstance(cls.__dict__.get(attr), bool):
+            raise ValueError(f"method {cls.name!r}: declare `{attr} = True` or `False` in its class")
+    if cls.faithful != (FAITHFULNESS_FIELDS <= set(cls.Params.model_fields)):
+        raise ValueError(f"method {cls.name!r}: faithful={cls.faithful}, but its Params "
+                         f"{'lack' if cls.faithful else 'have'} the faithfulness options")
+    if cls.comparable and not (cls.faithful and issubclass(cls, MaskMethod)):
+        raise ValueError(f"method {cls.name!r}: a comparable method is a faithful MaskMethod (one map)")

@@ -78,7 +78,6 @@ def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, g
 
 class _Sweep(OnePassMethod):
     Response = rs.SweepResponse
-    faithful = True  # every frame's map is scored
     of: str  # the method swept
 
     def to_json(self, p: _SweepFields, r: Result, shape: ModelShape) -> dict[str, Any]:
@@ -133,6 +132,8 @@ class RolloutSweep(_Sweep):
     path = "/rollout/sweep"
     summary = "Attention Rollout at many discard ratios, from one forward pass"
     Params = RolloutSweepParams
+    faithful = True  # every frame's map is scored
+    comparable = False  # many maps
     of = "rollout"
 
     def needs(self, p: RolloutSweepParams, shape: ModelShape) -> Needs:
@@ -149,6 +150,8 @@ class GradRolloutSweep(_Sweep):
     path = "/grad-rollout/sweep"
     summary = "Gradient Attention Rollout for one class at many discard ratios, from one pass"
     Params = GradRolloutSweepParams
+    faithful = True  # every frame's map is scored
+    comparable = False  # many maps
     per_image = ("category_id",)
     of = "grad-rollout"
 
