@@ -33,12 +33,12 @@ PROCESS_FIXTURES = {
 }
 
 
-# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadgroup): the servers mostly wait on
-# sockets and timers, so three workers keep two cores busy. A module where a test uses a process fixture is
-# one xdist group: its server (browser, Ray cluster) starts once, on one worker, and its tests run there one
-# after another, never two Ray clusters or two browsers at once. The tests marked `solo` (each bounds a
-# latency to a second or so, or counts a server's CPU) share the one group SOLO instead, so they never run
-# beside each other. Every other test goes to whichever worker is free.
+# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadgroup -m "not solo"): the servers
+# mostly wait on sockets and timers, so three workers keep two cores busy. A module where a test uses a process
+# fixture is one xdist group: its server (browser, Ray cluster) starts once, on one worker, and its tests run
+# there one after another, never two Ray clusters or two browsers at once. Every other test goes to whichever
+# worker is free. The tests marked `solo` (each bounds a latency or counts a server's CPU) run after that,
+# alone (`-m solo`, no workers); run with workers anyway, they share the one group SOLO.
 SOLO = "solo"
 
 
