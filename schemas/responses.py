@@ -93,6 +93,7 @@ class ParamInfo(_Out):
     exclusive_maximum: float | None = None
     below: str | None = None  # index below this dimension of the chosen model (GET /models)
     when: dict[str, list[Any]] | None = None  # applies only when these other parameters have one of these values
+    role: str | None = None  # what a client may do with it without knowing its name (schemas.requests.ROLES)
     description: str = ""
 
 

@@ -97,3 +97,16 @@ def test_get_methods_declares_each_methods_kind_images_and_conditions():
     assert when["category_id"] == {"target": ["class"]} and when["head"] == {"target": ["q", "k"]}
     assert when["steps"] is None
     assert all(i["kind"] == "one-pass" and i["image"] == "required" for n, i in listed.items() if n not in long)
+
+
+def test_parameter_roles_are_known_and_one_of_each_per_method():
+    """The explorer finds a sweep's frame values and frame duration by their declared role (GET /methods)."""
+    from schemas.requests import ROLES
+
+    declared = {}
+    for m in REGISTRY.values():
+        roles = [p.role for p in m.info(4).params if p.role]
+        assert set(roles) <= set(ROLES) and len(roles) == len(set(roles)), (m.name, roles)
+        declared[m.name] = set(roles)
+    sweeps = [name for name, m in REGISTRY.items() if m.Response.__name__ == "SweepResponse"]
+    assert sweeps and all(declared[name] == {"frames", "frame-ms"} for name in sweeps), declared

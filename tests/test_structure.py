@@ -123,6 +123,24 @@ def test_infrastructure_names_no_method_and_no_method_parameter(path):
     assert not found, f"{path.name} names methods or their parameters: {found}"
 
 
+def test_the_page_names_no_method_parameter():
+    """The page learns what a parameter is for from GET /methods (`below`, `when`, `role`), never from its
+    name: no `data.params.frame_ms`, no `values.category_id`, no "discard_ratios". A DOM event's `target`
+    and a faithfulness score's own fields (`f.steps`) are not parameters."""
+    from schemas import responses as rs
+
+    params = method_parameters() - set(rs.Faithfulness.model_fields)
+    for path in sorted((ROOT / "service/static/explorer").glob("*.js")):
+        code = re.sub(r"//[^\n]*", "", path.read_text())  # comments may name anything
+        reads = set()
+        for m in re.finditer(r"(?:\?\.|\.)([A-Za-z_]\w*)", code):  # a.b, a?.b, a.b.c: every property read
+            obj = re.search(r"(\w*)$", code[: m.start()]).group(1)
+            if m.group(1) in params and obj not in ("e", "ev", "event"):
+                reads.add(f"{obj}.{m.group(1)}")
+        literals = set(re.findall(r"""["'`]([a-z][a-z0-9_]*)["'`]""", code)) & params
+        assert not reads | literals, f"{path.name} names method parameters: {sorted(reads | literals)}"
+
+
 def test_the_page_tells_methods_by_their_declarations_only():
     names = set(REGISTRY)
     for path in sorted((ROOT / "service/static/explorer").glob("*.js")):

@@ -19,7 +19,7 @@ def param_infos(params: type[Params]) -> list[rs.ParamInfo]:
             default=prop.get("default"), enum=_enum(prop), minimum=prop.get("minimum"),
             exclusive_minimum=prop.get("exclusiveMinimum"), maximum=prop.get("maximum"),
             exclusive_maximum=prop.get("exclusiveMaximum"), below=prop.get("x-below"),
-            when=prop.get("x-when"), description=prop.get("description", ""),
+            when=prop.get("x-when"), role=prop.get("x-role"), description=prop.get("description", ""),
         ))
     return out
 

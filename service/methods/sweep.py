@@ -43,8 +43,10 @@ class _SweepFields(rq.Faithful):
     discard_ratios: tuple[float, ...] = Field(
         DEFAULT_RATIOS, min_length=1, max_length=MAX_RATIOS,
         description="discard ratios, each 0 <= r < 1, in frame order: a JSON list or a comma-separated form field",
+        json_schema_extra=rq.role("frames"),
     )
-    frame_ms: int = Field(500, ge=20, le=10_000, description="duration of each frame of the animation, in ms")
+    frame_ms: int = Field(500, ge=20, le=10_000, description="duration of each frame of the animation, in ms",
+                          json_schema_extra=rq.role("frame-ms"))
     max_side: int = rq.max_side()
     format: SweepFormat = Field("gif", description="gif or apng: animated heatmaps labelled with their ratio; "
                                                    "json: one mask per ratio (always json for several images)")
