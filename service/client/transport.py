@@ -35,13 +35,16 @@ class DeadlineTransport(httpx.BaseTransport):
                                headers=request.headers.raw, content=request.stream, extensions=request.extensions)
         with _as_httpx_errors():
             resp = self._pool.handle_request(req)
-        return httpx.Response(resp.status, headers=resp.headers, stream=_Body(resp.stream), extensions=resp.extensions)
+        return httpx.Response(resp.status, headers=resp.headers, stream=_ResponseStream(resp.stream),
+                              extensions=resp.extensions)
 
     def close(self) -> None:
         self._pool.close()
 
 
-class _Body(httpx.SyncByteStream):
+class _ResponseStream(httpx.SyncByteStream):
+    """The body of an answer, read with httpcore's errors turned into httpx's."""
+
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
