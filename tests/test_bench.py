@@ -93,6 +93,7 @@ def test_path_part_measures_server_cpu_per_request(tmp_path, loader, body, keys)
     else:
         assert out["floor"] is None
 
+
 @pytest.mark.solo  # counts CPU: alone, after the parallel run (Makefile)
 def test_tree_cpu_counts_every_descendant():
     """A grandchild that burns 0.3 s of CPU counts in the root's tree, and not in the root's own time."""
