@@ -26,12 +26,20 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m service serve --host $(HOST) --port $(PORT) $(ARGS)
 
+# Three pytest-xdist workers: most tests wait on servers' sockets and timers, not on the two cores.
+# A module with a server stays on one worker (its server starts once, tests/conftest.py); then the tests
+# marked `solo` (each bounds a latency or counts a server's CPU) run alone, without workers. The slowest
+# tests are printed, to keep the time visible.
+XDIST   ?= -n 3 --dist loadgroup
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST) -m "not solo" --durations=25; parallel=$$?; \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m solo --durations=5; alone=$$?; \
+	test $$parallel -eq 0 -a $$alone -eq 0
 
 # The unit tests alone: no server, worker, Ray, browser or docker process (markers: tests/conftest.py)
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup --durations=10
 
 # ruff, configured in pyproject.toml [tool.ruff]; no formatter check (the tree is not ruff-formatted)
 lint: $(STAMP)

@@ -18,9 +18,9 @@ from bench.client import ENDPOINTS
 from service import runtime
 
 FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0, "faithfulness_steps": 16,
-        "timing": {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}}
+        "timing": inprocess.TIMING}
 QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5, "faithfulness_steps": 2,
-         "timing": {"warmup": 1, "min_reps": 2, "min_seconds": 0.0, "max_reps": 2}}
+         "timing": inprocess.TIMING_QUICK}
 
 
 def _ints(text: str) -> list[int]:
@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.monotonic() - t0,
     }
     print()
-    print(report.render(results))
-    report.write(results, Path(args.out))
+    parts = {"faithfulness": faithfulness.render, "toolkit": toolkit.render, "path": path.render,
+             "capture": capture.render}
+    print(report.render(results, parts))
+    report.write(results, Path(args.out), parts)
     print(f"wrote {args.out}/results.json, results.md, MACHINE.md in {results['settings']['elapsed_s']:.0f} s")
     return 0
 

@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    from bench.__main__ import FULL, QUICK
-
-    f = cost((QUICK if args.quick else FULL)["timing"], args.steps, args.batch, args.device)
+    f = cost(inprocess.TIMING_QUICK if args.quick else inprocess.TIMING, args.steps, args.batch, args.device)
     print("\n".join(render(f)))
     return 0
 

@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
-from bench import inprocess, served
+from bench import faithfulness, inprocess, report, served, toolkit
 
 TINY = {"model_name": "vit_tiny_patch16_224", "depth": 1, "embed_dim": 48, "num_heads": 3}
 SEED = 0
@@ -587,8 +587,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge_into_report(results: dict, out_dir: Path, command: str, elapsed_s: float) -> None:
     """Replace part D (figures and targets) of the report in out_dir with `results`; parts A-C stay."""
-    from bench import report
-
     report_json = json.loads((out_dir / "results.json").read_text())
     old_names = {t["name"] for t in targets(report_json.get("path"))} | {t["name"] for t in targets(results)}
     report_json["path"] = results
@@ -597,7 +595,7 @@ def merge_into_report(results: dict, out_dir: Path, command: str, elapsed_s: flo
         "command": command, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "elapsed_s": elapsed_s,
         "loadavg_end": os.getloadavg(), "cpu_model": report.cpu_model(), "cpu_count": os.cpu_count(),
     }
-    report.write(report_json, out_dir)
+    report.write(report_json, out_dir, {"faithfulness": faithfulness.render, "toolkit": toolkit.render, "path": render})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -158,7 +159,12 @@ def _fmt(v: float | None, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def render(results: dict) -> str:
+# The renderers of the parts after A (bench/faithfulness.py, toolkit.py, path.py, capture.py), by their key in the
+# results; each caller passes them (bench/__main__.py, path.merge_into_report), so the report imports none of its parts.
+Renderers = dict[str, Callable[[dict], list[str]]]
+
+
+def render(results: dict, parts: Renderers) -> str:
     engine, ratios, served = results["engine"], results["ratios"], results.get("served")
     batches = list(engine["bare"])
     lines = ["## Engine, in process (images/s, median; deit_tiny_patch16_224, random weights, CPU)", ""]
@@ -183,22 +189,9 @@ def render(results: dict) -> str:
                          f"{_fmt(c['p50_ms'], 1)} | {_fmt(c['p95_ms'], 1)} | {c['requests']} | {c['errors']} |")
         rss = ", ".join(f"{k}: {_fmt(v, 0)} MiB" for k, v in served["peak_rss_mb"].items())
         lines += ["", f"server peak RSS (VmHWM): {rss}"]
-    if results.get("faithfulness"):
-        from bench import faithfulness
-
-        lines += faithfulness.render(results["faithfulness"])
-    if results.get("toolkit"):
-        from bench import toolkit
-
-        lines += toolkit.render(results["toolkit"])
-    if results.get("path"):
-        from bench import path
-
-        lines += path.render(results["path"])
-    if results.get("capture"):
-        from bench import capture
-
-        lines += capture.render(results["capture"])
+    for key in ("faithfulness", "toolkit", "path", "capture"):
+        if results.get(key) and key in parts:
+            lines += parts[key](results[key])
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         verdict = "n/a " if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
@@ -243,8 +236,8 @@ def machine_note(results: dict) -> str:
     ])
 
 
-def write(results: dict, out_dir: Path) -> None:
+def write(results: dict, out_dir: Path, parts: Renderers) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out_dir / "results.md").write_text(render(results))
+    (out_dir / "results.md").write_text(render(results, parts))
     (out_dir / "MACHINE.md").write_text(machine_note(results))

@@ -78,6 +78,20 @@ def applies(when: dict[str, list[Any]] | None) -> dict[str, Any]:
     return {"x-when": when} if when else {}
 
 
+# What a client (the explorer page) may do with a parameter without knowing its name: GET /methods' `role`.
+ROLES = {
+    "frames": "the values the answer's frames are made at, one per frame, in order (a label for each frame)",
+    "frame-ms": "how long each frame of an animated answer shows, in milliseconds",
+}
+
+
+def role(name: str) -> dict[str, Any]:
+    """json_schema_extra declaring a parameter's role (ROLES), e.g. Field(..., json_schema_extra=role("frames"))."""
+    if name not in ROLES:
+        raise ValueError(f"unknown role {name!r}: one of {sorted(ROLES)}")
+    return {"x-role": name}
+
+
 def head_fusion(default: Fusion) -> Any:
     return Field(default, description="how the heads of a block are fused: mean, max or min")
 

@@ -34,7 +34,7 @@ class Faithfulness(_Out):
 
 class MaskResponse(_Out):
     model: str
-    method: str  # rollout, grad-rollout, gae
+    method: str  # the method's name: one declared comparable (GET /methods)
     params: dict[str, Any]
     grid: tuple[int, int]
     mask: Map
@@ -58,7 +58,7 @@ class QKResponse(_Out):
 
 class SweepResponse(_Out):
     model: str
-    method: str  # rollout or grad-rollout
+    method: str  # the name of the method swept
     params: dict[str, Any]
     grid: tuple[int, int]
     discard_ratios: list[float]
@@ -93,6 +93,7 @@ class ParamInfo(_Out):
     exclusive_maximum: float | None = None
     below: str | None = None  # index below this dimension of the chosen model (GET /models)
     when: dict[str, list[Any]] | None = None  # applies only when these other parameters have one of these values
+    role: str | None = None  # what a client may do with it without knowing its name (schemas.requests.ROLES)
     description: str = ""
 
 

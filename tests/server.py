@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,8 +36,25 @@ class Server:
         raise RuntimeError("no VmRSS")
 
 
+# Ports handed to servers: below the kernel's ephemeral range (32768-60999 by default), where bind(0) and
+# every outgoing connection take theirs, so that nothing takes a port between free_port() and the server's
+# bind; each pytest-xdist worker (PYTEST_XDIST_WORKER=gw0, gw1, ...) draws from its own slice of 500.
+_PORT_BASE, _PORT_SLICE = 20000, 500
+_next_port = itertools.count(random.randrange(_PORT_SLICE))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = _PORT_BASE + _PORT_SLICE * (int(worker.removeprefix("gw") or 0) % 24)
+    for _ in range(_PORT_SLICE):
+        port = first + next(_next_port) % _PORT_SLICE
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken (another program, or a port still in TIME_WAIT)
+            return port
+    with socket.socket() as s:  # the whole slice taken: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -53,6 +53,7 @@ def test_objective_and_first_step_match_the_reference(setups, target):
     np.testing.assert_allclose(moved[inside].abs().numpy(), 0.01, rtol=5e-3)  # g / (|g| + eps)
 
 
+@pytest.mark.slow  # minutes of steps on 2 cores: the reference check above stays in make test-fast
 def test_the_objective_rises_and_pixels_stay_valid(setups):
     engine, _, _ = setups["deit_tiny_patch16_224"]
     # No jitter here: a random-weight model is far from shift-invariant, so its objective at a
@@ -67,6 +68,7 @@ def test_the_objective_rises_and_pixels_stay_valid(setups):
         assert 0.0 <= float(s.pixels.min()) and float(s.pixels.max()) <= 1.0
 
 
+@pytest.mark.slow  # minutes of steps on 2 cores: the reference check above stays in make test-fast
 def test_a_seed_reproduces_the_image_and_neighbours_change_nothing(setups):
     engine, _, _ = setups["deit_tiny_patch16_224"]
     a = job("activation-max", target="q", layer=2, head=0, channel=5, steps=6, seed=11, jitter=8, l2_weight=0.1)
@@ -82,6 +84,7 @@ def test_a_seed_reproduces_the_image_and_neighbours_change_nothing(setups):
     assert not torch.equal(other_seed.pixels, alone.pixels)
 
 
+@pytest.mark.slow  # minutes of steps on 2 cores: the reference check above stays in make test-fast
 def test_total_variation_smooths_the_image(setups):
     engine, _, _ = setups["vit_small_patch32_224"]
     from service.methods.activation_max import total_variation

@@ -54,6 +54,7 @@ def test_profile_prints_the_busiest_ops_of_each_case(capsys):
     assert "aten::bmm" in out  # rollout writes the attention out instead of the fused kernel
 
 
+@pytest.mark.solo  # measures two servers under load: alone, after the parallel run (Makefile)
 @pytest.mark.slow
 def test_compare_alternates_two_servers_from_their_own_trees(tmp_path):
     here = Path(__file__).resolve().parents[1]
@@ -68,6 +69,7 @@ def test_compare_alternates_two_servers_from_their_own_trees(tmp_path):
 _SHORT = {**path_bench.QUICK, "warmup": 0.3, "duration": 1.0, "clients": 2}
 
 
+@pytest.mark.solo  # counts the server's CPU per request: alone, after the parallel run (Makefile)
 @pytest.mark.parametrize("loader,body,keys", [
     ("python", "json", ["floor", "rollout-json"]),
     pytest.param("wrk", "auto", ["rollout-json"],
@@ -94,6 +96,7 @@ def test_path_part_measures_server_cpu_per_request(tmp_path, loader, body, keys)
         assert out["floor"] is None
 
 
+@pytest.mark.solo  # counts CPU: alone, after the parallel run (Makefile)
 def test_tree_cpu_counts_every_descendant():
     """A grandchild that burns 0.3 s of CPU counts in the root's tree, and not in the root's own time."""
     burn = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from service.cli import explain as cli
-from service.client import AsyncClient, Client, ServiceError
+from service.client import AnswerError, AsyncClient, Client, ServiceError
 from tests import reference as ref
 from tests.conftest import png_bytes, smooth_image
 from tests.server import free_port, running_server
@@ -419,6 +419,26 @@ def test_a_broken_event_stream_is_exit_5_not_a_trace(lie, tmp_path, capsys):
     assert code == cli.FAILED and not out.exists() and "Traceback" not in err, err
     with fake_server(_answer(200, "text/html", b"<html></html>")) as (url, _):
         assert _run_cli(url, tmp_path, "--steps", "2", method="activation-max")[0] == cli.FAILED
+
+
+@pytest.mark.parametrize(("data", "status"), [('{"status": 504, "detail": "no time left"}', 504),
+                                              ('{"detail": "the request took longer than 4 s"}', 500),
+                                              ('{"status": "504", "detail": "a string"}', 500),
+                                              ('{"status": 200, "detail": "not an error status"}', 500)])
+def test_an_error_event_raises_its_declared_status_never_one_read_from_its_text(data, status):
+    body = _sse(("progress", '{"step": 0, "objective": 1.0}'), ("error", data))
+    with fake_server(_answer(200, "text/event-stream", body)) as (url, _):
+        with Client(url, retries=0) as c, pytest.raises(ServiceError) as err:
+            c.activation_max(steps=2, on_progress=lambda s, v: None)
+        assert err.value.status == status and not isinstance(err.value, AnswerError)
+
+        async def go():
+            async with AsyncClient(url, retries=0) as c:
+                await c.activation_max(steps=2, on_progress=lambda s, v: None)
+
+        with pytest.raises(ServiceError) as err:
+            asyncio.run(go())
+        assert err.value.status == status
 
 
 def test_the_streamed_maximization_retries_503_like_every_call(tmp_path):

@@ -18,7 +18,7 @@ CALLS = {name: getattr(client._Methods, name) for name in dir(client._Methods) i
 
 def typed_call(method) -> inspect.Signature:
     name = method.name.replace("-", "_")
-    assert name in CALLS, f"service/client.py has no call {name}() for the method {method.name!r}"
+    assert name in CALLS, f"service/client/methods.py has no call {name}() for the method {method.name!r}"
     return inspect.signature(CALLS[name])
 
 

@@ -161,6 +161,7 @@ def test_without_the_option_no_curves_and_the_same_maps(setups):
 
 
 # -- on the demo model: a good map is more faithful than a random one -------------------------------
+@pytest.mark.slow  # the demo model over held-out scenes: a minute or two on 2 cores
 def test_grad_rollout_deletes_faster_than_a_random_map_on_held_out_scenes():
     from demo.evaluate import EVAL_SEED, load, model_input
     from demo.scenes import make_scene, scene_rng

@@ -12,7 +12,8 @@ from tests.conftest import ARCHS
 GRAD_TOL = 1e-4  # no discard: no threshold to land on either side of
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# the first architecture in make test-fast, the two others (minutes of float64 products) with the slow tests
+@pytest.mark.parametrize("arch", [ARCHS[0], *(pytest.param(a, marks=pytest.mark.slow) for a in ARCHS[1:])])
 def test_gae_matches_reference_at_every_start_layer(setups, arch):
     engine, r, x = setups[arch]
     cats = [7, 123, 999]

@@ -301,6 +301,7 @@ def _hwm_mb(server) -> float:
     raise RuntimeError("no VmHWM")
 
 
+@pytest.mark.solo  # bounds a latency and counts the server's CPU
 @pytest.mark.slow
 def test_timeout_is_enforced_on_decode_and_encode_and_the_work_stops(model_dirs):
     args = ["--model", f"deit=local-dir:{model_dirs['vit_small_patch32_224']}", "--request-timeout-s", "1",
@@ -396,6 +397,7 @@ def test_health_answers_within_a_second_while_100_slow_clients_hold_connections(
             s.close()
 
 
+@pytest.mark.solo  # bounds a latency: never beside the other solo tests under xdist
 def test_connections_beyond_the_limit_evict_the_idlest_and_probes_still_get_in(server, client):
     socks = []
     try:
@@ -483,6 +485,7 @@ def test_the_queue_refuses_before_decoding():
     asyncio.run(main())
 
 
+@pytest.mark.solo  # bounds a latency: never beside the other solo tests under xdist
 # -- units: the pieces the server tests rely on ------------------------------------------------------------
 def test_prescan_is_linear_and_allows_ordinary_bodies():
     big = json.dumps({"image": "A" * 15_000_000, "format": "json", "model": 'a"b\\c'}).encode()

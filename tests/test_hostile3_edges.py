@@ -252,8 +252,8 @@ def test_heic_and_avif_are_explained_through_every_body(client, fmt, ctype):
 def test_the_client_and_the_cli_send_heic_and_avif(server, tmp_path):
     """The client sends a HEIC (AVIF) as a raw body of its type; the CLI takes them from a folder,
     through the server and in process; every door answers the mask of the decoded pixels."""
-    from service import client as client_module
     from service.client import Client
+    from service.client import calls as client_module
 
     d = tmp_path / "phone"
     d.mkdir()

@@ -173,7 +173,7 @@ def test_every_relative_link_leads_somewhere(md):
             continue  # http(s), mailto: not checked offline
         path, _, anchor = link.partition("#")
         target = (md.parent / path).resolve() if path else md
-        if not target.exists():
+        if not target.is_relative_to(ROOT) or not target.exists():  # outside: dead in a clone elsewhere
             broken.append(link)
         elif anchor and target.suffix == ".md" and anchor not in anchors(target):
             broken.append(link)

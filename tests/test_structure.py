@@ -15,7 +15,7 @@ from schemas.requests import FAITHFULNESS_FIELDS, REQUEST_FIELDS
 from service.methods import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("service", "schemas")
+PACKAGES = ("service", "schemas", "bench", "demo")
 # Modules that run requests through methods without being methods: they may use what methods
 # declare (kind, Params, hooks), never a method's name or its own parameters.
 INFRASTRUCTURE = ("service/api", "service/engine", "service/cli", "service/pool.py", "service/batching.py",
@@ -31,15 +31,13 @@ MODULES = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.
 
 
 def imports(name: str) -> set[str]:
-    """The project modules `name` imports, at the top or inside functions."""
+    """The project modules `name` imports anywhere: at the top, inside functions, under `if TYPE_CHECKING:`.
+    An import that only runs late or only for the type checker still closes a circle: a sign that a name
+    lives in the wrong module."""
     tree = ast.parse(MODULES[name].read_text())
     package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
-    typing_only = {id(n) for node in ast.walk(tree)  # imports for annotations only are not circles
-                   if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
     out = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -123,6 +121,24 @@ def test_infrastructure_names_no_method_and_no_method_parameter(path):
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
             found.append(f"line {node.lineno}: {node.value!r}")
     assert not found, f"{path.name} names methods or their parameters: {found}"
+
+
+def test_the_page_names_no_method_parameter():
+    """The page learns what a parameter is for from GET /methods (`below`, `when`, `role`), never from its
+    name: no `data.params.frame_ms`, no `values.category_id`, no "discard_ratios". A DOM event's `target`
+    and a faithfulness score's own fields (`f.steps`) are not parameters."""
+    from schemas import responses as rs
+
+    params = method_parameters() - set(rs.Faithfulness.model_fields)
+    for path in sorted((ROOT / "service/static/explorer").glob("*.js")):
+        code = re.sub(r"//[^\n]*", "", path.read_text())  # comments may name anything
+        reads = set()
+        for m in re.finditer(r"(?:\?\.|\.)([A-Za-z_]\w*)", code):  # a.b, a?.b, a.b.c: every property read
+            obj = re.search(r"(\w*)$", code[: m.start()]).group(1)
+            if m.group(1) in params and obj not in ("e", "ev", "event"):
+                reads.add(f"{obj}.{m.group(1)}")
+        literals = set(re.findall(r"""["'`]([a-z][a-z0-9_]*)["'`]""", code)) & params
+        assert not reads | literals, f"{path.name} names method parameters: {sorted(reads | literals)}"
 
 
 def test_the_page_tells_methods_by_their_declarations_only():

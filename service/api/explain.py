@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -31,6 +32,17 @@ from service.methods import REGISTRY, LongMethod, Method, OnePassMethod
 from service.pool import ServedModel
 
 router = APIRouter(tags=["explain"])
+
+
+class NumpyJSON(Response):
+    """A JSON answer written by orjson straight from numpy arrays (the masks), no Python floats in
+    between. FastAPI's own ORJSONResponse is deprecated in favour of return types that
+    Pydantic serializes, which would turn each map into a list of floats first."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
 
 class ClientGone(Exception):
@@ -123,10 +135,10 @@ async def explain(request: Request, ctx: AppContext, method: OnePassMethod) -> R
     async with asyncio.timeout(ctx.settings.request_timeout_s):
         images, results = await _compute(ctx, request, served, method.job(params), blobs, target)
     if len(results) > 1:
-        return ORJSONResponse({"model": served.name, "results": [method.to_json(params, r, shape) for r in results]})
+        return NumpyJSON({"model": served.name, "results": [method.to_json(params, r, shape) for r in results]})
     (img,), (result,) = images, results
     if getattr(params, "format", "json") == "json":
-        return ORJSONResponse(method.to_json(params, result, shape))
+        return NumpyJSON(method.to_json(params, result, shape))
     body, media = await run_in_threadpool(method.render, params, img, result, shape)
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
@@ -165,7 +177,8 @@ async def long_work(request: Request, ctx: AppContext, method: LongMethod) -> Re
     """`method.steps(params)` background steps, batched with the other sessions of the model.
 
     With `Accept: text/event-stream` the answer streams `progress` events ({"step", "total", "objective"})
-    as the steps run, then one `result` event (the JSON answer) or one `error` event ({"detail"}).
+    as the steps run, then one `result` event (the JSON answer) or one `error` event ({"status", "detail"}:
+    the status the answer would have had, 504 for the request timeout, and why).
     """
     params, blobs = await read_request(request, method.Params, method.images_per_request(ctx.settings.max_images),
                                        image_required=method.image == "required")
@@ -216,7 +229,7 @@ async def _long_work(request: Request, ctx: AppContext, method: LongMethod, para
     await _unless_gone(request, asyncio.ensure_future(run()))
     result = method.result(params, state)
     if params.format == "json":
-        return ORJSONResponse(method.to_json(params, result, shape))
+        return NumpyJSON(method.to_json(params, result, shape))
     body, media = await run_in_threadpool(method.render, params, None, result, shape)
     return Response(body, media_type=media, headers=_prediction_headers(served, result))
 
@@ -231,9 +244,10 @@ async def _events(ctx: AppContext, method: LongMethod, params, state, steps: Asy
         answer = await run_in_threadpool(method.to_json, params, method.result(params, state), shape)
         yield _sse("result", answer)
     except TimeoutError:
-        yield _sse("error", {"detail": f"the request took longer than {ctx.settings.request_timeout_s:g} s"})
+        yield _sse("error", {"status": 504,
+                             "detail": f"the request took longer than {ctx.settings.request_timeout_s:g} s"})
     except Exception as e:  # noqa: BLE001 - the status line is sent: report the failure in the stream
-        yield _sse("error", {"detail": str(e) or type(e).__name__})
+        yield _sse("error", {"status": 500, "detail": str(e) or type(e).__name__})
     finally:
         close()
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from schemas import requests as rq
 from service.cli import DEADLINE_S, FAILED, OK, REFUSED, UNREACHABLE, USAGE, Refused, positive
-from service.methods.compare import MAX_SETTINGS
+from service.methods.compare import MAX_SETTINGS, comparable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", type=Path, metavar="IMAGE")
     p.add_argument("--setting", action="append", required=True, metavar='"METHOD [name=value ...]"',
-                   help="a method and its parameters, repeatable (rollout, grad-rollout, gae)")
+                   help=f"a method and its parameters, repeatable ({', '.join(comparable())})")
     p.add_argument("--faithfulness-steps", type=int, help="k: curve points after the first (service default 16)")
     p.add_argument("--removal", choices=["blur", "mean"], help="what a removed patch becomes (default blur)")
     p.add_argument("--order", choices=["most", "least"], help="most relevant patches first (default) or least")

@@ -1,7 +1,7 @@
 """Every explanation method, one module each, registered in REGISTRY in import order.
 
 Add a method (docs/methods.md): write its module over one of the two kinds in base.py
-(`OnePassMethod` or `LongMethod`), import it here, add its typed call to service/client.py (a test
+(`OnePassMethod` or `LongMethod`), import it here, add its typed call to service/client/methods.py (a test
 checks every method has one), its test, and its row to the README (`python -m service.methods`
 prints the table).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.engine.contract import Job, ModelShape
-from service.methods.base import InvalidParams, LongMethod, Method, OnePassMethod
+from service.methods.base import InvalidParams, LongMethod, MaskMethod, Method, OnePassMethod
 from service.methods.registry import REGISTRY
 from service.methods.table import markdown_table
 
@@ -38,5 +38,5 @@ def warmup_jobs() -> list[Job]:
     return [job("rollout"), job("grad-rollout", category_id=0)]
 
 
-__all__ = ["REGISTRY", "InvalidParams", "LongMethod", "Method", "ModelShape", "OnePassMethod", "job",
+__all__ = ["REGISTRY", "InvalidParams", "LongMethod", "MaskMethod", "Method", "ModelShape", "OnePassMethod", "job",
            "markdown_table", "warmup_jobs"]

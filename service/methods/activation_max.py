@@ -89,6 +89,8 @@ class ActivationMax(LongMethod):
     name = "activation-max"
     summary = "The input that maximises a unit (activation maximization); text/event-stream for progress"
     Params = ActivationMaxParams
+    faithful = False
+    comparable = False
     Response = rs.ActivationMaxResponse
 
     def check(self, p: ActivationMaxParams, shape: ModelShape) -> None:

@@ -41,6 +41,8 @@ class LayerAttention(OnePassMethod):
     name = "attention"
     summary = "Class-token attention in every block"
     Params = AttentionParams
+    faithful = False
+    comparable = False
     Response = rs.AttentionResponse
 
     def needs(self, p: AttentionParams, shape: ModelShape) -> Needs:

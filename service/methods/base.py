@@ -32,7 +32,7 @@ from schemas.requests import FAITHFULNESS_FIELDS, REQUEST_FIELDS, Params
 from service import imaging
 from service.engine.contract import Captured, Job, ModelShape, Needs, Result
 from service.engine.faithfulness import Ask
-from service.methods.registry import param_infos
+from service.methods.params import param_infos
 
 Kind = Literal["one-pass", "long"]
 
@@ -60,12 +60,14 @@ class Method:
     # Parameters that may differ between images computed together (e.g. category_id, which acts
     # through each image's own backward pass): left out of the group key.
     per_image: ClassVar[tuple[str, ...]] = ()
-    # One-pass methods whose maps are over the patches declare `faithful` and take the faithfulness option
-    # (their Params derive from schemas.requests.Faithful): the engine scores their maps after the
-    # pass (service/engine/faithfulness.py). `comparable` ones answer one map and can be compared
-    # (POST /compare).
-    faithful: ClassVar[bool] = False
-    comparable: ClassVar[bool] = False
+    # Every method declares both, in its own class body (`register` refuses one that inherits them):
+    # `faithful`: its maps are over the patches and it takes the faithfulness options (its Params have
+    # the FAITHFULNESS_FIELDS, e.g. derive from schemas.requests.Faithful); the engine scores its maps
+    # after the pass (service/engine/faithfulness.py). `comparable`: a faithful one-pass method that
+    # answers one map (a MaskMethod), so it can be a setting of POST /compare and of the explorer's
+    # default comparison.
+    faithful: ClassVar[bool]
+    comparable: ClassVar[bool]
 
     @property
     def route(self) -> str:
@@ -171,6 +173,22 @@ class OnePassMethod(Method):
         frames = int(np.prod(r.maps.shape[:-2])) if r.maps.ndim > 2 else 1
         cls = getattr(p, "category_id", None)
         return [r.predictions[0].class_id if cls is None else int(cls)] * frames
+
+
+class MaskMethod(OnePassMethod):
+    """A method whose answer is one mask over the patches: JSON `mask`, PNG heatmap over the image."""
+
+    Response = rs.MaskResponse
+
+    def to_json(self, p: Params, r: Result, shape: ModelShape) -> dict[str, Any]:
+        out = {"model": shape.name, "method": self.name, "params": self.echo(p), "grid": shape.grid,
+               "mask": r.maps.tolist(), "predictions": predictions(r, shape)}
+        if r.faithfulness:
+            out["faithfulness"] = r.faithfulness[0].to_json()
+        return out
+
+    def draw(self, p: Params, img: Image.Image, r: Result, shape: ModelShape) -> np.ndarray:
+        return imaging.overlay(img, r.maps)
 
 
 class LongMethod(Method):

@@ -45,7 +45,8 @@ class Compare(OnePassMethod):
     name = "compare"
     summary = "several methods' maps of one image, from the passes they share, each scored"
     Params = CompareJob
-    faithful = True
+    faithful = True  # every setting's map is scored
+    comparable = False  # it compares the comparable ones
 
     def needs(self, p: CompareJob, shape: ModelShape) -> Needs:
         if p.category_id is not None:

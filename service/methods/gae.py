@@ -17,8 +17,8 @@ import torch
 from schemas import requests as rq
 from service.engine import ops
 from service.engine.contract import Captured, ModelShape, Needs
+from service.methods.base import MaskMethod
 from service.methods.registry import register
-from service.methods.rollout import MaskMethod
 
 
 class GAEParams(rq.Faithful):
@@ -48,6 +48,8 @@ class GAE(MaskMethod):
     name = "gae"
     summary = "Generic Attention-model Explainability (Chefer et al. 2021) for one class"
     Params = GAEParams
+    faithful = True  # its map can be scored (the faithfulness options)
+    comparable = True  # one map: a setting of POST /compare
     per_image = ("category_id",)
 
     def needs(self, p: GAEParams, shape: ModelShape) -> Needs:

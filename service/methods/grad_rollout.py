@@ -12,8 +12,8 @@ import torch
 from schemas import requests as rq
 from service.engine import ops
 from service.engine.contract import Captured, ModelShape, Needs
+from service.methods.base import MaskMethod
 from service.methods.registry import register
-from service.methods.rollout import MaskMethod
 
 
 class GradRolloutParams(rq.Faithful):
@@ -42,6 +42,8 @@ class GradRollout(MaskMethod):
     name = "grad-rollout"
     summary = "Gradient Attention Rollout for one class"
     Params = GradRolloutParams
+    faithful = True  # its map can be scored (the faithfulness options)
+    comparable = True  # one map: a setting of POST /compare
     per_image = ("category_id",)
 
     def needs(self, p: GradRolloutParams, shape: ModelShape) -> Needs:

@@ -22,6 +22,8 @@ class Predict(OnePassMethod):
     name = "predict"
     summary = "Top-5 classes"
     Params = PredictParams
+    faithful = False
+    comparable = False
     Response = rs.PredictResponse
 
     def to_json(self, p: PredictParams, r: Result, shape: ModelShape) -> dict[str, Any]:

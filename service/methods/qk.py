@@ -34,6 +34,8 @@ class QK(OnePassMethod):
     name = "qk"
     summary = "Q or K feature image of one channel"
     Params = QKParams
+    faithful = False
+    comparable = False
     Response = rs.QKResponse
 
     def needs(self, p: QKParams, shape: ModelShape) -> Needs:

@@ -1,14 +1,12 @@
-"""The one table every method is registered in, and each method's parameters as GET /methods lists them."""
+"""The one table every method is registered in."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
 from schemas import responses as rs
-from schemas.requests import Params
-
-if TYPE_CHECKING:
-    from service.methods.base import Method
+from schemas.requests import FAITHFULNESS_FIELDS
+from service.methods.base import MaskMethod, Method
 
 REGISTRY: dict[str, Method] = {}
 
@@ -23,40 +21,18 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r}: the default format must come first in its Literal")
     if cls.kind == "long" and not (set(cls.formats) <= {"json", "png"} and issubclass(cls.Response, rs.LongResponse)):
         raise ValueError(f"method {cls.name!r}: long work answers rs.LongResponse (json) or its picture (png)")
+    _check_declarations(cls)
     REGISTRY[cls.name] = cls()
     return cls
 
 
-def param_infos(params: type[Params]) -> list[rs.ParamInfo]:
-    """Each field of a Params model as GET /methods and the README describe it."""
-    schema = params.model_json_schema()
-    out = []
-    for name, prop in schema.get("properties", {}).items():
-        if name == "model":
-            continue
-        out.append(rs.ParamInfo(
-            name=name, type=_type_name(prop), required=name in schema.get("required", []),
-            default=prop.get("default"), enum=_enum(prop), minimum=prop.get("minimum"),
-            exclusive_minimum=prop.get("exclusiveMinimum"), maximum=prop.get("maximum"),
-            exclusive_maximum=prop.get("exclusiveMaximum"), below=prop.get("x-below"),
-            when=prop.get("x-when"), description=prop.get("description", ""),
-        ))
-    return out
-
-
-def _enum(prop: dict) -> list | None:
-    values = [v for alt in prop.get("anyOf", [prop]) for v in alt.get("enum", [])]
-    return values or None
-
-
-def _type_name(prop: dict) -> str:
-    alts = prop.get("anyOf", [prop])
-    names = []
-    for a in alts:
-        if "enum" in a:
-            names.append("|".join(str(v) for v in a["enum"]))
-        elif a.get("type") == "array":
-            names.append(f"list of {a.get('items', {}).get('type', 'value')}")
-        else:
-            names.append(a.get("type", "value"))
-    return " or ".join(names)
+def _check_declarations(cls: type[Method]) -> None:
+    """`faithful` and `comparable` declared by the method itself (never inherited by accident), and true."""
+    for attr in ("faithful", "comparable"):
+        if not isinstance(cls.__dict__.get(attr), bool):
+            raise ValueError(f"method {cls.name!r}: declare `{attr} = True` or `False` in its class")
+    if cls.faithful != (FAITHFULNESS_FIELDS <= set(cls.Params.model_fields)):
+        raise ValueError(f"method {cls.name!r}: faithful={cls.faithful}, but its Params "
+                         f"{'lack' if cls.faithful else 'have'} the faithfulness options")
+    if cls.comparable and not (cls.faithful and issubclass(cls, MaskMethod)):
+        raise ValueError(f"method {cls.name!r}: a comparable method is a faithful MaskMethod (one map)")

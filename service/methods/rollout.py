@@ -9,18 +9,12 @@ attention fused over heads (attention pooling: no discard, no + I).
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import torch
-from PIL import Image
 
 from schemas import requests as rq
-from schemas import responses as rs
-from service import imaging
 from service.engine import ops
-from service.engine.contract import Captured, FuseHeads, ModelShape, Needs, Result
-from service.methods.base import OnePassMethod, predictions
+from service.engine.contract import Captured, FuseHeads, ModelShape, Needs
+from service.methods.base import MaskMethod
 from service.methods.registry import register
 
 
@@ -32,29 +26,13 @@ class RolloutParams(rq.Faithful):
     max_side: int = rq.max_side()
 
 
-class MaskMethod(OnePassMethod):
-    """A method whose answer is one mask over the patches: JSON `mask`, PNG heatmap over the image."""
-
-    Response = rs.MaskResponse
-    faithful = True
-    comparable = True
-
-    def to_json(self, p: rq.Params, r: Result, shape: ModelShape) -> dict[str, Any]:
-        out = {"model": shape.name, "method": self.name, "params": self.echo(p), "grid": shape.grid,
-               "mask": r.maps.tolist(), "predictions": predictions(r, shape)}
-        if r.faithfulness:
-            out["faithfulness"] = r.faithfulness[0].to_json()
-        return out
-
-    def draw(self, p: rq.Params, img: Image.Image, r: Result, shape: ModelShape) -> np.ndarray:
-        return imaging.overlay(img, r.maps)
-
-
 @register
 class Rollout(MaskMethod):
     name = "rollout"
     summary = "Attention Rollout"
     Params = RolloutParams
+    faithful = True  # its map can be scored (the faithfulness options)
+    comparable = True  # one map: a setting of POST /compare
 
     def needs(self, p: RolloutParams, shape: ModelShape) -> Needs:
         return Needs(reduce=FuseHeads(p.head_fusion), layers=shape.explained(p.start_layer))

@@ -43,8 +43,10 @@ class _SweepFields(rq.Faithful):
     discard_ratios: tuple[float, ...] = Field(
         DEFAULT_RATIOS, min_length=1, max_length=MAX_RATIOS,
         description="discard ratios, each 0 <= r < 1, in frame order: a JSON list or a comma-separated form field",
+        json_schema_extra=rq.role("frames"),
     )
-    frame_ms: int = Field(500, ge=20, le=10_000, description="duration of each frame of the animation, in ms")
+    frame_ms: int = Field(500, ge=20, le=10_000, description="duration of each frame of the animation, in ms",
+                          json_schema_extra=rq.role("frame-ms"))
     max_side: int = rq.max_side()
     format: SweepFormat = Field("gif", description="gif or apng: animated heatmaps labelled with their ratio; "
                                                    "json: one mask per ratio (always json for several images)")
@@ -80,7 +82,6 @@ def sweep(weights: list[torch.Tensor], ratios: tuple[float, ...], prefix: int, g
 
 class _Sweep(OnePassMethod):
     Response = rs.SweepResponse
-    faithful = True  # every frame's map is scored
     of: str  # the method swept
 
     def to_json(self, p: _SweepFields, r: Result, shape: ModelShape) -> dict[str, Any]:
@@ -135,6 +136,8 @@ class RolloutSweep(_Sweep):
     path = "/rollout/sweep"
     summary = "Attention Rollout at many discard ratios, from one forward pass"
     Params = RolloutSweepParams
+    faithful = True  # every frame's map is scored
+    comparable = False  # many maps
     of = "rollout"
 
     def needs(self, p: RolloutSweepParams, shape: ModelShape) -> Needs:
@@ -151,6 +154,8 @@ class GradRolloutSweep(_Sweep):
     path = "/grad-rollout/sweep"
     summary = "Gradient Attention Rollout for one class at many discard ratios, from one pass"
     Params = GradRolloutSweepParams
+    faithful = True  # every frame's map is scored
+    comparable = False  # many maps
     per_image = ("category_id",)
     of = "grad-rollout"
 

@@ -6,7 +6,8 @@ from typing import Any
 
 from schemas import responses as rs
 from schemas.requests import FAITHFULNESS_FIELDS
-from service.methods.registry import REGISTRY, param_infos
+from service.methods.params import param_infos
+from service.methods.registry import REGISTRY
 
 
 def markdown_table() -> str:

@@ -230,7 +230,9 @@ class Column {
     const values = this.values();
     if (this.built) this.saved[this.built] = values;
     const next = { ...(this.saved[this.method.name] || {}) };
-    if (values.category_id) next.category_id = values.category_id;
+    for (const p of this.method.params) {  // the class kept: a parameter that indexes the model's classes
+      if (p.below === "classes" && values[p.name]) next[p.name] = values[p.name];
+    }
     this.build(next);
   }
 
@@ -433,7 +435,12 @@ class Column {
   showSweep(data) {
     const s = this.stage(data.masks[0]);
     const n = data.masks.length;
-    const frameMs = Number(data.params?.frame_ms) || 500;
+    // the parameters GET /methods declares by role: the frames' values and each frame's duration
+    const method = state.methods.find((m) => m.name === this.last.method);
+    const byRole = (role) => method?.params.find((p) => p.role === role);
+    const frames = byRole("frames"), duration = byRole("frame-ms");
+    const values = frames ? data.params?.[frames.name] ?? data[frames.name] : null;
+    const frameMs = Number(duration && data.params?.[duration.name]) || 500;
     const play = el("button", { type: "button", class: "play", text: "Pause" });
     const slider = el("input", { type: "range", class: "frame", min: 0, max: n - 1, step: 1, value: 0, "aria-label": "frame" });
     const label = el("span", { class: "ratio" });
@@ -446,7 +453,7 @@ class Column {
     const setFrame = (k) => {
       draw.drawHeat(s.heat, data.masks[k], s.w, s.h);
       slider.value = String(k);
-      label.textContent = `discard ratio ${data.discard_ratios[k]} · frame ${k + 1}/${n}`;
+      label.textContent = `${values ? `${frames.name.replace(/_/g, " ")} ${values[k]} · ` : ""}frame ${k + 1}/${n}`;
       this.last.drawn.mask = data.masks[k];
       this.last.drawn.frame = k;
       this.pane.dataset.frame = String(k);
