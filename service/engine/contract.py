@@ -18,7 +18,7 @@ takes one batched step at a time (`Engine.step`). Nothing here imports service/m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -27,6 +27,7 @@ import torch
 
 from schemas.requests import Fusion
 from service.engine import ops
+from service.engine.faithfulness import Stop
 
 if TYPE_CHECKING:
     from service.engine.faithfulness import Ask, Curves
@@ -233,11 +234,10 @@ class Stepwise(Protocol):
         """Take the step from the gradient (3, H, W) of value - penalty at `shifted`'s input."""
 
 
-# The error a job's work stops with now (its request ran past its deadline: TimeoutError; its
-# client left or was answered), else None: a cheap check (a flag and a clock read) the engine
-# makes between units of work, such as the chunks of faithfulness copies (service/budget.py
-# stop_signal makes them); the error is the job's answer.
-Stop = Callable[[], "BaseException | None"]
+# Stop (service/engine/faithfulness.py, the first unit of work that checks it): the error a job's work
+# stops with now (its request ran past its deadline: TimeoutError; its client left or was answered), else
+# None: a cheap check (a flag and a clock read) the engine makes between units of work, such as the chunks
+# of faithfulness copies (service/budget.py stop_signal makes them); the error is the job's answer.
 
 
 @dataclass(frozen=True)

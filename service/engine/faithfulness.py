@@ -35,8 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.engine.contract import Stop
-
 TRUNCATE = 4.0  # the blur's taps reach ceil(TRUNCATE * sigma) pixels
 
 
@@ -128,6 +126,10 @@ def removed(x: torch.Tensor, how: str, patch: tuple[float, float]) -> torch.Tens
         return gaussian_blur(x, patch)
     raise ValueError(f"unknown removal {how!r}")
 
+
+# A job's stop signal: None while its request still wants the answer, else the error it ended with
+# (the deadline's 504, the client's disconnect); each Job carries one (service/engine/contract.py).
+Stop = Callable[[], "BaseException | None"]
 
 # -- scoring a batch -------------------------------------------------------------------------------
 class _ChunkStopped(Exception):
