@@ -21,7 +21,8 @@ Two ways to receive the attention:
            takes as they are, where a batch of them would first be copied, and its attention
            (DeiT-Tiny: 466 KB) stays in L2. On an accelerator a chunk is the whole batch.
 
-Block outputs (B, N, C) are hooked too, for activation maximization of a feature channel.
+Block outputs (B, N, C) and the MLPs' hidden units before their activation (the output of
+`mlp.fc1`, (B, N, 4C)) are hooked too, for activation maximization of a unit.
 
 Hooks are registered once, when a model is loaded; the capture state lives in a ContextVar and
 the function mode on the calling thread only, never on the shared modules, so concurrent
@@ -67,6 +68,8 @@ class Capture:
     q: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after q_norm
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) after k_norm
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, N, C) the block's output
+    mlp_layers: frozenset[int] = frozenset()
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, N, hidden) mlp.fc1's output
     block: int | None = None  # the block whose attention runs next
     take: Take | None = None
 
@@ -129,13 +132,15 @@ def capture(
     qk_layers: frozenset[int] = frozenset(),
     take: Take | None = None,
     feature_layers: frozenset[int] = frozenset(),
+    mlp_layers: frozenset[int] = frozenset(),
 ) -> Iterator[Capture]:
     """Within this block, forward passes of hooked models on this thread record into the Capture.
 
     With `take`, the attention of `attn_layers` goes to it in chunks and is not kept; use it only
     where no gradient flows through the attention.
     """
-    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers, feature_layers=feature_layers, take=take)
+    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers, feature_layers=feature_layers, take=take,
+                    mlp_layers=mlp_layers)
     token = _ACTIVE.set(store)
     try:
         if attn_layers:
@@ -176,7 +181,19 @@ def install_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
     for i, attn in enumerate(attention_modules(model)):
         handles += _hook_block(i, attn)
         handles.append(model.blocks[i].register_forward_hook(_on_block_output(i)))
+        fc1 = getattr(getattr(model.blocks[i], "mlp", None), "fc1", None)
+        if fc1 is not None:
+            handles.append(fc1.register_forward_hook(_on_mlp_hidden(i)))
     return handles
+
+
+def _on_mlp_hidden(i: int):
+    def hook(_mod, _inp, out: torch.Tensor) -> None:
+        store = _ACTIVE.get()
+        if store is not None and i in store.mlp_layers:
+            store.mlp[i] = out
+
+    return hook
 
 
 def _on_block_output(i: int):

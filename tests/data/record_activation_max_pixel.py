@@ -8,6 +8,7 @@ import torch
 from service.engine.engine import Engine
 from service.methods import job
 from tests.conftest import make_model, smooth_image
+
 torch.set_num_threads(1)
 engine = Engine(make_model("vit_small_patch32_224", seed=2), torch.device("cpu"))
 CASES = [dict(target="class", category_id=5, seed=3, jitter=6, tv_weight=2.0),
