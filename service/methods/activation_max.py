@@ -101,8 +101,8 @@ class ActivationMaxParams(rq.Params):
     tv_weight: float = Field(0.0, ge=0.0, le=1e6,
                              description="weight of the total variation between neighbouring pixels")
     format: rq.Format = rq.fmt(doc="png: the image at the model's input size (its robustness and objective "
-                                   "in tEXt chunks); json: the image as base64 PNG, the objective per step, "
-                                   "robustness")
+                                   "in tEXt chunks); json: the image as base64 PNG (the same chunks), the "
+                                   "objective per step, robustness, final_objective, start_objective")
 
 
 @dataclass
@@ -185,8 +185,9 @@ class ActivationMax(LongMethod):
         return Needs()
 
     def frames(self, p: ActivationMaxParams) -> int:
-        """Pictures at the input size held at once: the copies of a step, or the robustness pass's."""
-        return max(p.copies if p.param == "fourier" else 1, EVAL_ROWS)
+        """Pictures at the input size the work makes (the pixel budget): a step's copies (one picture
+        for param=pixel) and the robustness pass's."""
+        return (p.copies if p.param == "fourier" else 1) + EVAL_ROWS
 
     # -- the optimisation, per image -------------------------------------------------------------
     def steps(self, p: ActivationMaxParams) -> int:
@@ -284,7 +285,7 @@ class ActivationMax(LongMethod):
     def to_json(self, p: ActivationMaxParams, r: Result, shape: ModelShape) -> dict[str, Any]:
         extra = r.extra or {}
         return {"model": shape.name, "params": self.echo(p),
-                "image": base64.b64encode(imaging.encode_png(r.maps)).decode(),
+                "image": base64.b64encode(_png_with_text(imaging.encode_png(r.maps), _texts(r))).decode(),
                 "objective": [v if math.isfinite(v) else None for v in r.objective or []],
                 **{k: _finite(extra.get(k)) for k in ("robustness", "final_objective", "start_objective")}}
 
@@ -295,10 +296,15 @@ class ActivationMax(LongMethod):
                shape: ModelShape) -> tuple[bytes, str]:
         """The PNG, with the robustness figures in tEXt chunks (keys robustness, objective, start_objective)."""
         body, media = super().render(p, img, r, shape)
-        extra = r.extra or {}
-        text = {"robustness": extra.get("robustness"), "objective": extra.get("final_objective"),
-                "start_objective": extra.get("start_objective")}
-        return _png_with_text(body, {k: "none" if v is None else f"{v:.6g}" for k, v in text.items()}), media
+        return _png_with_text(body, _texts(r)), media
+
+
+def _texts(r: Result) -> dict[str, str]:
+    """The PNG's tEXt chunks: robustness, objective (the finished picture's) and start_objective."""
+    extra = r.extra or {}
+    text = {"robustness": extra.get("robustness"), "objective": extra.get("final_objective"),
+            "start_objective": extra.get("start_objective")}
+    return {k: "none" if v is None else f"{v:.6g}" for k, v in text.items()}
 
 
 def _finite(v: float | None) -> float | None:
