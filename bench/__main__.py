@@ -1,5 +1,5 @@
-"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit), D (request path) and E
-(faithfulness), print, write docs/bench/."""
+"""`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit), D (request path), E
+(faithfulness) and F (activation maximization's step), print, write docs/bench/."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
-from bench import faithfulness, inprocess, path, report, served, toolkit
+from bench import actmax_cost, faithfulness, inprocess, path, report, served, toolkit
 from bench.client import ENDPOINTS
 from service import runtime
 
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="part D's request body (default auto: raw image/jpeg when the server takes it, else multipart)")
     p.add_argument("--path-cases", default=",".join(path.ALL_KEYS), help=f"subset of {','.join(path.ALL_KEYS)}")
     p.add_argument("--skip-faithfulness", action="store_true", help="no part E (the faithfulness option's cost)")
+    p.add_argument("--skip-actmax", action="store_true", help="no part F (activation maximization's step cost)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_faithfulness:
         print("E) the faithfulness option's cost against steps x 2 bare forwards")
         results["faithfulness"] = faithfulness.cost(preset["timing"], preset["faithfulness_steps"])
+
+    results["actmax"] = None
+    if not args.skip_actmax:
+        print("F) activation maximization's step against copies x one forward and backward")
+        results["actmax"] = actmax_cost.cost(preset["timing"])
 
     results["targets"] = report.targets(engine, results["served"], plain) + path.targets(results["path"])
     results["targets"] += faithfulness.targets(results["faithfulness"])

@@ -187,6 +187,10 @@ def render(results: dict) -> str:
         from bench import faithfulness
 
         lines += faithfulness.render(results["faithfulness"])
+    if results.get("actmax"):
+        from bench import actmax_cost
+
+        lines += actmax_cost.render(results["actmax"])
     if results.get("toolkit"):
         from bench import toolkit
 
