@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
             row = (torch.cat(list(finals), dim=2).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-            Image.fromarray(row).save(args.save / f"{name.split(',')[0].replace(' ', '-')}-{len(params)}"
-                                                  f"-{params.get('steps')}-{params.get('copies', 1)}.png")
+            slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+            Image.fromarray(row).save(args.save / f"{slug}.png")
     am.FOURIER = "phase"
 
 

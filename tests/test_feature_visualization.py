@@ -121,6 +121,30 @@ def test_a_quarter_turn_and_a_zoom_about_the_centre():
         np.testing.assert_allclose(zoomed[:, u, u].numpy(), want.numpy(), atol=1e-9)
 
 
+def bilinear(x: torch.Tensor, row: float, col: float) -> torch.Tensor:
+    r0, c0 = math.floor(row), math.floor(col)
+    fr, fc = row - r0, col - c0
+    return (x[:, r0, c0] * (1 - fr) * (1 - fc) + x[:, r0, c0 + 1] * (1 - fr) * fc
+            + x[:, r0 + 1, c0] * fr * (1 - fc) + x[:, r0 + 1, c0 + 1] * fr * fc)
+
+
+def test_shift_scale_and_turn_together_on_a_picture_that_is_not_square():
+    """Output pixel u (row, col about the centre, in pixels) reads the input at R(theta) u / s - shift."""
+    yy, xx = torch.meshgrid(torch.arange(40, dtype=torch.float64), torch.arange(64, dtype=torch.float64),
+                            indexing="ij")
+    x = torch.stack([torch.sin(xx / 5) * torch.cos(yy / 7), xx / 64, (yy / 40) ** 2])  # (3, 40, 64)
+    theta, scale, dy, dx = 0.3, 1.25, 2.5, -4.0
+    ident = tf.Transforms.identity(1)
+    t = tf.Transforms(torch.tensor([[dy, dx]]), torch.tensor([scale]), torch.tensor([theta]), ident.gain, ident.offset)
+    out = tf.apply(x, t)[0]
+    cy, cx = 19.5, 31.5
+    for row, col in ((20, 30), (15, 40), (25, 22), (18, 33)):
+        uy, ux = row - cy, col - cx
+        sx = (math.cos(theta) * ux - math.sin(theta) * uy) / scale - dx
+        sy = (math.sin(theta) * ux + math.cos(theta) * uy) / scale - dy
+        np.testing.assert_allclose(out[:, row, col].numpy(), bilinear(x, cy + sy, cx + sx).numpy(), atol=1e-5)
+
+
 def test_colour_gain_offset_and_noise():
     x = square()
     ident = tf.Transforms.identity(1)
