@@ -4,8 +4,9 @@ In process, the cases interleaved (inprocess.time_cases), on the bench's random-
 
   fwd+bwd c      one timm forward of c images and the backward to the input (the weights frozen):
                  the floor of a step with c copies
-  fourier c      Engine.step of one session, param=fourier, copies=c, target=mlp (the Fourier
-                 image, the c transforms, the pass, the backward through transforms and FFT, Adam)
+  fourier c      Engine.step of one session, param=fourier, copies=c, target=class (the Fourier
+                 image, the c transforms, the pass, the backward through transforms and FFT, Adam;
+                 a class logit, so that the backward goes as far as the floor's)
   pixel          Engine.step of one session, param=pixel (one picture)
 
 and the expected time of the default recipe: steps x (fourier at the default copies) + the
@@ -25,8 +26,6 @@ from bench import inprocess
 from service.engine.engine import Engine
 from service.methods import activation_max as am
 from service.methods import job
-
-LAYER, CHANNEL = 6, 100
 
 
 def cost(timing: dict, copies: tuple[int, ...] = (1, 2, 4, 8), device: str = "cpu", log=print) -> dict:
@@ -53,7 +52,7 @@ def cost(timing: dict, copies: tuple[int, ...] = (1, 2, 4, 8), device: str = "cp
         return run
 
     def step(**params):
-        j = job("activation-max", target="mlp", layer=LAYER, channel=CHANNEL, steps=1000, **params)
+        j = job("activation-max", target="class", category_id=inprocess.CATEGORY_ID, steps=1000, **params)
         state = j.method.start(j.params, None, engine.shape)
 
         def run(_x):

@@ -46,9 +46,11 @@ RECIPES = {  # name -> (parametrisation of param=fourier, parameters)
     "pixel, jitter 8, tv 0.5": (None, dict(param="pixel", steps=100, jitter=8, tv_weight=0.5)),
     "lucid 1/f, 4 copies, 128 steps": ("lucid", dict(param="fourier", copies=4, steps=128)),
     "phase 1/f^1.5, 1 copy, 128 steps": ("phase", dict(param="fourier", copies=1, steps=128)),
-    "phase 1/f^1.5, 4 copies, 64 steps": ("phase", dict(param="fourier", copies=4, steps=64)),
-    "phase 1/f^1.5, 4 copies, 128 steps (default)": ("phase", dict(param="fourier", copies=4, steps=128)),
+    "phase 1/f^1.5, 4 copies, 64 steps (default)": ("phase", dict(param="fourier", copies=4, steps=64)),
+    "phase 1/f^1.5, 4 copies, 128 steps": ("phase", dict(param="fourier", copies=4, steps=128)),
     "phase 1/f^1.5, 4 copies, 128 steps, lr 0.1": ("phase", dict(param="fourier", copies=4, steps=128, lr=0.1)),
+    "phase 1/f^1.5, 4 copies, 64 steps, lr 0.1": ("phase", dict(param="fourier", copies=4, steps=64, lr=0.1)),
+    "the defaults": ("phase", {}),
 }
 
 

@@ -91,7 +91,7 @@ class ActivationMaxParams(rq.Params):
                         json_schema_extra=rq.applies({"param": ["fourier"]}))
     noise: float = Field(0.0, ge=0.0, le=1.0, description="std of the noise added to each copy, annealed to 0",
                          json_schema_extra=rq.applies({"param": ["fourier"]}))
-    steps: int = Field(128, ge=1, le=1000, description="gradient ascent steps")
+    steps: int = Field(64, ge=1, le=1000, description="gradient ascent steps")
     lr: float = Field(0.05, gt=0.0, le=1.0,
                       description="Adam step size: in pixel values (0..1) for pixel, in radians of phase for fourier")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the starting picture and the transforms")
