@@ -20,7 +20,7 @@ def server(model_dirs):
         yield s
 
 
-LONG = {"target": "class", "category_id": 1, "steps": 1000}
+LONG = {"target": "class", "category_id": 1, "steps": 1000, "copies": 1}  # one row a step: the first comes soon
 SSE = {"Accept": "text/event-stream"}
 
 
@@ -29,9 +29,12 @@ def _wait_for_free_slot(url: str, within_s: float) -> float:
     t0 = time.monotonic()
     with httpx.Client(base_url=url, timeout=30) as c:
         while True:
-            r = c.post("/activation-max", json={"steps": 1, "format": "json"})
-            if r.status_code == 200:
-                return time.monotonic() - t0
+            sent = time.monotonic()
+            r = c.post("/activation-max", json={"steps": 1, "copies": 1, "format": "json"})
+            # admitted: answered, or (a busy machine: the step and the robustness pass past the 4 s) timed
+            # out; the slot was free when it was sent
+            if r.status_code in (200, 504):
+                return sent - t0
             assert r.status_code == 503 and r.headers["retry-after"], r.text
             assert time.monotonic() - t0 < within_s, "the slot was never freed"
             time.sleep(0.2)
