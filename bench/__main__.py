@@ -1,5 +1,6 @@
 """`python -m bench [--quick]`: run parts A (engine), B (served), C (toolkit), D (request path), E
-(faithfulness) and F (the capture per family), print, write docs/bench/."""
+(faithfulness), F (the capture per family) and G (activation maximization's step), print, write
+docs/bench/."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: random weights only
 
-from bench import capture, faithfulness, inprocess, path, report, served, toolkit
+from bench import actmax_cost, capture, faithfulness, inprocess, path, report, served, toolkit
 from bench.client import ENDPOINTS
 from service import runtime
 
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-capture", action="store_true", help="no part F (engine rollout / bare forward per family)")
     p.add_argument("--capture-families", default=",".join(capture.FAMILIES),
                    help=f"part F's families, from {','.join(capture.FAMILIES)}")
+    p.add_argument("--skip-actmax", action="store_true", help="no part G (activation maximization's step cost)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="time part A with glibc's default allocator (the server tunes it unless told not to)")
     p.add_argument("--out", default="docs/bench", help="folder for results.json, results.md, MACHINE.md")
@@ -122,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         results["capture"] = capture.run(args.capture_families.split(","), 2 if args.quick else 16,
                                          2 if args.quick else 8)
 
+    results["actmax"] = None
+    if not args.skip_actmax:
+        print("G) activation maximization's step against copies x one forward and backward")
+        results["actmax"] = actmax_cost.cost(preset["timing"])
+
     results["targets"] = report.targets(engine, results["served"], plain) + path.targets(results["path"])
     results["targets"] += faithfulness.targets(results["faithfulness"])
     machine["loadavg_end"] = os.getloadavg()
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     parts = {"faithfulness": faithfulness.render, "toolkit": toolkit.render, "path": path.render,
-             "capture": capture.render}
+             "capture": capture.render, "actmax": actmax_cost.render}
     print(report.render(results, parts))
     report.write(results, Path(args.out), parts)
     print(f"wrote {args.out}/results.json, results.md, MACHINE.md in {results['settings']['elapsed_s']:.0f} s")

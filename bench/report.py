@@ -189,7 +189,7 @@ def render(results: dict, parts: Renderers) -> str:
                          f"{_fmt(c['p50_ms'], 1)} | {_fmt(c['p95_ms'], 1)} | {c['requests']} | {c['errors']} |")
         rss = ", ".join(f"{k}: {_fmt(v, 0)} MiB" for k, v in served["peak_rss_mb"].items())
         lines += ["", f"server peak RSS (VmHWM): {rss}"]
-    for key in ("faithfulness", "toolkit", "path", "capture"):
+    for key in ("faithfulness", "actmax", "toolkit", "path", "capture"):
         if results.get(key) and key in parts:
             lines += parts[key](results[key])
     lines += ["", "## Targets", ""]

@@ -78,7 +78,14 @@ class LongResponse(_Out):
 
 
 class ActivationMaxResponse(LongResponse):
-    """objective: the unit's value."""
+    """objective: the unit's value. robustness: (mean objective of the picture under 16 held-out
+    random transforms - start_objective) / (final_objective - start_objective), null when the ascent
+    gained nothing or was stopped; final_objective: the finished picture's objective;
+    start_objective: the starting picture's."""
+
+    robustness: float | None = None
+    final_objective: float | None = None
+    start_objective: float | None = None
 
 
 class ParamInfo(_Out):

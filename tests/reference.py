@@ -193,13 +193,16 @@ class Reference:
              channel: int = 0) -> tuple[float, torch.Tensor]:
         """Activation maximization's objective for x (3, H, W) *pixels* in [0, 1], and its gradient
         w.r.t. those pixels, in float64: the class logit, a block output's channel averaged over the
-        patch tokens, or one head's q or k channel averaged over the patch tokens."""
+        patch tokens, an MLP hidden unit before its activation (W1 . norm2(x) + b1, from the block's
+        second norm's output and the first MLP layer's weights) averaged over the patch tokens, or one
+        head's q or k channel averaged over the patch tokens."""
         cfg = self.model.pretrained_cfg
         mean = torch.tensor(cfg["mean"], dtype=torch.float64)[:, None, None]
         std = torch.tensor(cfg["std"], dtype=torch.float64)[:, None, None]
         px = x.double().clone().requires_grad_(True)
         out = {}
         hook = self.model.blocks[layer].register_forward_hook(lambda m, i, o: out.setdefault("features", o))
+        norm2 = self.model.blocks[layer].norm2.register_forward_hook(lambda m, i, o: out.setdefault("mlp_in", o))
         try:
             self._clear()
             with torch.enable_grad():
@@ -208,12 +211,17 @@ class Reference:
                     value = logits[category_id]
                 elif target == "features":
                     value = out["features"][0, self.prefix :, channel].mean()
+                elif target == "mlp":
+                    fc1 = self.model.blocks[layer].mlp.fc1
+                    hidden = out["mlp_in"][0, self.prefix :] @ fc1.weight[channel] + fc1.bias[channel]  # (N - P,)
+                    value = hidden.mean()
                 else:
                     t = (self._q if target == "q" else self._k)[layer][0]  # (H, N, D)
                     value = t[head, self.prefix :, channel].mean()
                 (grad,) = torch.autograd.grad(value, px)
         finally:
             hook.remove()
+            norm2.remove()
         return float(value.detach()), grad
 
     def predictions(self, c: Captured, k: int = 5) -> list[tuple[int, float]]:

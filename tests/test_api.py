@@ -276,10 +276,14 @@ def _max_fields(**kw):
 
 
 def test_activation_max_answers_json_png_and_a_seed_reproduces_it(client):
-    first = client.post("/activation-max", json={**_max_fields(), "format": "json"}).json()
-    again = client.post("/activation-max", json={**_max_fields(), "format": "json"}).json()
+    first = client.post("/activation-max", json={**_max_fields(param="pixel"), "format": "json"}).json()
+    again = client.post("/activation-max", json={**_max_fields(param="pixel"), "format": "json"}).json()
     assert len(first["objective"]) == 4 and first["objective"][-1] > first["objective"][0]
     assert first["image"] == again["image"] and first["params"]["seed"] == 3
+    fourier = client.post("/activation-max", json={**_max_fields(copies=2), "format": "json"}).json()
+    assert fourier["params"]["param"] == "fourier" and len(fourier["objective"]) == 4
+    assert fourier["final_objective"] is not None and fourier["start_objective"] is not None
+    assert "robustness" in fourier
     img = Image.open(io.BytesIO(__import__("base64").b64decode(first["image"])))
     assert img.size == (224, 224) and img.mode == "RGB"
     resp = client.post("/activation-max", data={k: str(v) for k, v in _max_fields().items()},
@@ -301,6 +305,8 @@ def test_activation_max_streams_progress_as_server_sent_events(client):
                 event = line.removeprefix("event: ")
             elif line.startswith("data: "):
                 events.append((event, json.loads(line.removeprefix("data: "))))
-    assert [e for e, _ in events] == ["progress"] * 3 + ["result"]
-    assert [d["step"] for _, d in events[:3]] == [0, 1, 2]
+    # a progress event per step, then the robustness pass's, then the answer
+    assert [e for e, _ in events] == ["progress"] * 4 + ["result"]
+    assert [d["step"] for _, d in events[:4]] == [0, 1, 2, 3] and {d["total"] for _, d in events[:4]} == {4}
     assert events[-1][1]["objective"] == [d["objective"] for _, d in events[:3]]
+    assert events[-1][1]["final_objective"] == events[3][1]["objective"]

@@ -41,6 +41,9 @@ def test_bench_quick_plumbing(tmp_path):
     text = (out / "results.md").read_text()
     assert "| near-zero | 2 |" in text  # part F's row
     assert "Targets" in text and "part D" in text and (out / "MACHINE.md").exists()
+    actmax = results["actmax"]  # part G: a step per copies count against its floor, the default's time
+    assert set(actmax["ms"]) >= {"fourier 4", "fwd+bwd 4", "fwd+bwd 18", "pixel"} and actmax["default_s"] > 0
+    assert "Activation maximization's step" in text
 
 
 def test_profile_prints_the_busiest_ops_of_each_case(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import socketserver
 import threading
@@ -56,8 +57,14 @@ def test_client_calls_answer_numpy_masks_and_png_bytes(server, r, tmp_path):
         assert sweep.masks.shape == (2, 14, 14)
         assert {m["name"] for m in c.methods()} >= {"rollout", "gae"} and c.models()[0]["name"] == "deit"
         seen = []
-        x = c.activation_max(category_id=3, steps=3, on_progress=lambda s, v: seen.append((s, v)))
-        assert [s for s, _ in seen] == [0, 1, 2] and x.objective == [v for _, v in seen] and x.image.size == (224, 224)
+        x = c.activation_max(target="mlp", layer=2, channel=9, steps=3, copies=2,
+                             on_progress=lambda s, v: seen.append((s, v)))
+        # a progress event per step, then the robustness pass's (the finished picture's objective)
+        assert [s for s, _ in seen] == [0, 1, 2, 3] and x.objective == [v for _, v in seen[:-1]]
+        assert x.image.size == (224, 224) and x.raw["final_objective"] == seen[-1][1]
+        assert x.raw["params"]["param"] == "fourier" and x.raw["params"]["copies"] == 2
+        assert x.raw["robustness"] is None or isinstance(x.raw["robustness"], float)
+        assert Image.open(io.BytesIO(base64.b64decode(x.raw["image"]))).text["robustness"]
         with pytest.raises(ServiceError) as err:
             c.grad_rollout(img, category_id=5000)
         assert err.value.status == 422 and "category_id" in str(err.value.detail)
@@ -134,6 +141,27 @@ def test_cli_through_the_server_and_its_exit_codes(server, tmp_path, capsys):
     assert "cannot reach" in capsys.readouterr().err
     assert cli.main([str(d / "img0.png"), "--server", server]) == 0  # no -o: JSON on stdout
     assert json.loads(capsys.readouterr().out)["method"] == "rollout"
+
+
+def test_cli_maximizes_an_mlp_unit_with_copies_and_reports_its_robustness(server, model_dirs, tmp_path, capsys):
+    spec = f"deit=local-dir:{model_dirs['deit_tiny_patch16_224']}"
+    flags = ["--method", "activation-max", "--target", "mlp", "--layer", "3", "--channel", "700", "--steps", "2",
+             "--copies", "2", "--quiet"]
+    for where in (["--server", server], ["--model", spec]):
+        out = tmp_path / "unit.png"
+        assert cli.main([*flags, *where, "-o", str(out)]) == cli.OK, capsys.readouterr().err
+        text = Image.open(out).text  # the figures ride in the PNG's tEXt chunks
+        assert set(text) >= {"robustness", "objective", "start_objective"}, text
+        assert cli.main([*flags, *where, "--format", "json"]) == cli.OK
+        answer = json.loads(capsys.readouterr().out)
+        assert len(answer["objective"]) == 2 and answer["params"]["copies"] == 2
+        assert "robustness" in answer and answer["final_objective"] is not None
+    assert cli.main([*flags, "--copies", "0", "--server", server]) == cli.USAGE
+    assert "copies" in capsys.readouterr().err
+    assert cli.main([*flags, "--param", "lucid", "--server", server]) == cli.USAGE
+    assert "param" in capsys.readouterr().err
+    assert cli.main([*flags, "--channel", "768", "--server", server]) == cli.REFUSED
+    assert "channel" in capsys.readouterr().err
 
 
 # -- every method through the client and the CLI (issue 18, class 7) -----------------------------------

@@ -383,6 +383,9 @@ def test_activation_maximization_shows_live_progress(tab):
     # its steps run at the lowest CPU priority: on a busy machine they wait for the CPU
     s.page.set_default_timeout(3 * TIMEOUT_MS)
     s.method("activation-max")
+    # the unit picker offers what the method declares, the MLP's hidden units among them
+    options = s.page.eval_on_selector_all("#a-target option", "os => os.map(o => o.value)")
+    assert options == ["class", "features", "mlp", "q", "k"], options
     s.set("steps", "5")
     s.set("seed", "3")
     s.page.click("#column-a button.run")
@@ -394,13 +397,19 @@ def test_activation_maximization_shows_live_progress(tab):
         assert "/5 · objective" in s.page.inner_text("#pane-a .progress")
     s.page.wait_for_selector("#pane-a[data-state=done], #pane-a[data-state=error]")
     assert s.page.get_attribute("#pane-a", "data-state") == "done", s.page.inner_text("#pane-a .error")
-    # every step's event reached the page, with the total it declares
-    assert "step 5/5 · objective" in s.page.inner_text("#pane-a .progress")
+    # every step's event reached the page, with the total it declares: the 5 steps and the robustness pass
+    assert "step 6/6 · objective" in s.page.inner_text("#pane-a .progress")
     got = s.last()
     assert got["request"] == {"model": "deit", "steps": "5", "seed": "3", "format": "json"}
     assert "Accept: text/event-stream" in got["curl"]
     assert len(got["response"]["objective"]) == 5
-    np.testing.assert_allclose(got["progress"], got["response"]["objective"], rtol=1e-6)
+    np.testing.assert_allclose(got["progress"][:-1], got["response"]["objective"], rtol=1e-6)
+    answer = got["response"]
+    assert got["progress"][-1] == pytest.approx(answer["final_objective"], rel=1e-6)
+    # the figure the answer measures is shown with the picture
+    caption = s.page.inner_text("#pane-a figure.result figcaption")
+    shown = "–" if answer["robustness"] is None else f"{answer['robustness']:.2f}"
+    assert f"robustness {shown}" in caption and f"{answer['final_objective']:.5g}"[:4] in caption, caption
     img = s.page.eval_on_selector("#pane-a img.long-result", "i => [i.complete, i.naturalWidth, i.naturalHeight]")
     assert img == [True, 224, 224]
     assert Image.open(io.BytesIO(base64.b64decode(got["response"]["image"]))).size == (224, 224)

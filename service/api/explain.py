@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas import responses as rs
 from schemas.media import MEDIA_TYPES
 from service import budget, imaging
+from service.api.admission import admission_for
 from service.api.deps import AppContext, ContextDep
 from service.api.echoes import header_safe
 from service.api.parsing import RAW_TYPES, admit_images, read_request
@@ -203,6 +204,8 @@ async def _long_work(request: Request, ctx: AppContext, method: LongMethod, para
         await admit_images(request, blobs, target)
         [decoded] = await run_in_threadpool(_decode_all, ctx, target, blobs)
         start = decoded.pixels  # the upload at the input size, uint8 (H, W, 3)
+    # the pictures its steps hold at once (e.g. transformed copies), at the input size, from the shared budget
+    await admission_for(request.app).take_pixels(method.frames(params) * shape.input_size[0] * shape.input_size[1])
     state, job = method.start(params, start, shape), method.job(params)
     deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout_s
 

@@ -85,13 +85,17 @@ class _Methods:
 
     def activation_max(self, image: ImageLike | None = None, *, target: str | None = None,
                        category_id: int | None = None, layer: int | None = None, head: int | None = None,
-                       channel: int | None = None, steps: int | None = None, lr: float | None = None,
+                       channel: int | None = None, param: str | None = None, copies: int | None = None,
+                       noise: float | None = None, steps: int | None = None, lr: float | None = None,
                        seed: int | None = None, l2_weight: float | None = None, jitter: int | None = None,
                        tv_weight: float | None = None, model: str | None = None,
                        on_progress: Progress | None = None):
-        """-> Maximized. With on_progress(step, objective), the progress streams as server-sent events."""
-        params = dict(target=target, category_id=category_id, layer=layer, head=head, channel=channel, steps=steps,
-                      lr=lr, seed=seed, l2_weight=l2_weight, jitter=jitter, tv_weight=tv_weight, model=model)
+        """-> Maximized (its raw answer has `robustness`, `final_objective` and `start_objective`). With
+        on_progress(step, objective), the progress streams as server-sent events; the last event is
+        the robustness pass after the last step (its objective: the finished picture's)."""
+        params = dict(target=target, category_id=category_id, layer=layer, head=head, channel=channel, param=param,
+                      copies=copies, noise=noise, steps=steps, lr=lr, seed=seed, l2_weight=l2_weight, jitter=jitter,
+                      tv_weight=tv_weight, model=model)
         fields = _fields(params, "json")
         call = _Call("/activation-max", fields, [] if image is None else [encode_image(image)], "json", False,
                      parse=Maximized.of)

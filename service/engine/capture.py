@@ -21,7 +21,8 @@ Two ways to receive the attention:
            takes as they are, where a batch of them would first be copied, and its attention
            (DeiT-Tiny: 466 KB) stays in L2. On an accelerator a chunk is the whole batch.
 
-Block outputs (B, N, C) are hooked too, for activation maximization of a feature channel.
+Block outputs (B, N, C) and the MLPs' hidden units before their activation (the output of
+`mlp.fc1`, (B, N, 4C)) are hooked too, for activation maximization of a unit.
 
 The capture state lives in a ContextVar, never on the shared modules, so concurrent batches on
 different threads cannot race; outside `capture(...)` a module pays one ContextVar read per call.
@@ -65,6 +66,8 @@ class Capture:
     q: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, Nq, D) as it enters q k^T
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, N, D) as it enters q k^T
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, N, C) the block's output
+    mlp_layers: frozenset[int] = frozenset()
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, N, hidden) mlp.fc1's output
     take: Take | None = None
 
 
@@ -112,13 +115,15 @@ def capture(
     qk_layers: frozenset[int] = frozenset(),
     take: Take | None = None,
     feature_layers: frozenset[int] = frozenset(),
+    mlp_layers: frozenset[int] = frozenset(),
 ) -> Iterator[Capture]:
     """Within this block, forward passes of installed models on this thread record into the Capture.
 
     With `take`, the attention of `attn_layers` goes to it in chunks and is not kept; use it only
     where no gradient flows through the attention.
     """
-    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers, feature_layers=feature_layers, take=take)
+    store = Capture(attn_layers=attn_layers, qk_layers=qk_layers, feature_layers=feature_layers, take=take,
+                    mlp_layers=mlp_layers)
     token = _ACTIVE.set(store)
     try:
         yield store
@@ -155,6 +160,9 @@ def install(anatomy: Anatomy) -> Installed:
         done.modules.append(mod)
     for i, blk in enumerate(anatomy.blocks):
         done.hooks.append(blk.register_forward_hook(_on_block_output(i)))
+        fc1 = getattr(getattr(blk, "mlp", None), "fc1", None)  # the MLP's first layer (timm and transformers)
+        if fc1 is not None:
+            done.hooks.append(fc1.register_forward_hook(_on_mlp_hidden(i)))
     return done
 
 
@@ -190,6 +198,15 @@ def attend(block: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if block not in store.attn_layers:
         return None
     return _attend(store, block, q, k, v, bias, scale or q.shape[-1] ** -0.5)
+
+
+def _on_mlp_hidden(i: int):
+    def hook(_mod, _inp, out: torch.Tensor) -> None:
+        store = _ACTIVE.get()
+        if store is not None and i in store.mlp_layers:
+            store.mlp[i] = out
+
+    return hook
 
 
 def _on_block_output(i: int):

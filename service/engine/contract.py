@@ -48,6 +48,7 @@ class ModelShape:
     labels: tuple[str, ...] = ()
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the model's input normalisation
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    mlp_dim: int = 0  # hidden units of a block's MLP (its first layer's outputs; 0: no such layer)
     # what the classifier reads, which sets the explained row (docs/how-it-works.md): "token" the class
     # token (row 0); "avg" the mean of the patch tokens (rows P:); "map" an attention-pooling head, captured
     # as block `layers` (one more layer, a single row over the tokens pool_skip..)
@@ -147,6 +148,7 @@ class Needs:
     reduce      the plain pass: the attention of `layers` reduced as it is made (never kept whole)
     qk          q and k (after the q/k norm) of these blocks
     features    the output (B, N, C) of these blocks
+    mlp         the MLP hidden units before the activation (B, N, hidden) of these blocks
     """
 
     grad_class: int | None = None
@@ -154,6 +156,7 @@ class Needs:
     layers: frozenset[int] = frozenset()
     qk: frozenset[int] = frozenset()
     features: frozenset[int] = frozenset()
+    mlp: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Captured:
              head's (b, H, 1, N') last, at index `layers`
     q, k     block -> (b, H, N, D)
     features block -> (b, N, C)
+    mlp      block -> (b, N, hidden) the MLP's first layer's output (before its activation)
     """
 
     logits: torch.Tensor  # (b, classes)
@@ -174,6 +178,7 @@ class Captured:
     q: dict[int, torch.Tensor] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     features: dict[int, torch.Tensor] = field(default_factory=dict)
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 # -- what the engine answers ---------------------------------------------------------------------
@@ -186,13 +191,14 @@ class Prediction:
 @dataclass(frozen=True)
 class Result:
     """maps: what the method computed for this image (None for predict; the picture for long work);
-    the model's top classes; for long work, the objective at every step; the faithfulness scores
-    of its maps, one per map (frame), when the job asked."""
+    the model's top classes; for long work, the objective at every step and its own figures; the
+    faithfulness scores of its maps, one per map (frame), when the job asked."""
 
     maps: np.ndarray | None
     predictions: list[Prediction]
     objective: list[float] | None = None
     faithfulness: list[Curves] | None = None
+    extra: dict[str, Any] | None = None  # long work: figures of its own for its answer (e.g. robustness)
 
 
 # -- the two kinds of method the engine runs ------------------------------------------------------
@@ -225,13 +231,16 @@ class Stepwise(Protocol):
     def group_key(self, p: Any) -> Hashable: ...
 
     def shifted(self, p: Any, state: Any) -> torch.Tensor:
-        """This step's input (3, H, W): pixel values in [0, 1] at the model's input size."""
+        """This step's input, pixel values in [0, 1] at the model's input size: one picture (3, H, W)
+        or c copies (c, 3, H, W), each a row of the batch."""
 
     def objective(self, p: Any, c: Captured, x: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (the value (b,), the penalty (b,)) of a group of equal parameters; the step ascends value - penalty."""
 
-    def update(self, p: Any, state: Any, grad: torch.Tensor, value: float) -> None:
-        """Take the step from the gradient (3, H, W) of value - penalty at `shifted`'s input."""
+    def update(self, p: Any, state: Any, grad: torch.Tensor, value: Any) -> float | None:
+        """Take the step from the gradient of value - penalty at `shifted`'s input: (3, H, W) and
+        value a float when it made one picture, (c, 3, H, W) and value a list of c floats when it made
+        c copies. -> the value to report for the step (None: value, or the copies' mean)."""
 
 
 # Stop (service/engine/faithfulness.py, the first unit of work that checks it): the error a job's work

@@ -52,6 +52,7 @@ class Engine:
             name=name, grid=an.grid, prefix=an.prefix, layers=an.layers, heads=an.heads, head_dim=an.head_dim,
             embed_dim=an.embed_dim, input_size=an.input_size, labels=an.labels, mean=an.mean, std=an.std,
             pooling=an.pooling, pool_skip=an.pool_skip,
+            mlp_dim=int(getattr(getattr(getattr(an.blocks[0], "mlp", None), "fc1", None), "out_features", 0)),
         )
         self._capture = install(an)
         self.forward = an.forward  # (B, 3, H, W) -> logits (B, classes)
@@ -123,16 +124,24 @@ class Engine:
     def step(self, states: Sequence, jobs: Sequence[Job]) -> list[float]:
         """One step of long work (`Stepwise` methods) for each state, in place.
 
-        Each job's method makes this step's input (`shifted`), the batch runs through the model
-        once, and each method updates its own state with its own gradient (`update`).
-        -> each image's objective value.
+        Each job's method makes this step's input (`shifted`): one picture or several copies, each
+        a row of the batch; every row runs through the model once, and each method updates its own
+        state with its own rows' gradients and values (`update`).
+        -> each image's value for the step (what `update` returns, else its rows' mean).
         """
-        pixels = torch.stack([j.method.shifted(j.params, s) for j, s in zip(jobs, states)])
-        value, grad = self._input_gradient(pixels, jobs)
+        made = [j.method.shifted(j.params, s) for j, s in zip(jobs, states)]  # (3, H, W) or (c, 3, H, W)
+        counts = [len(x) if x.dim() == 4 else 1 for x in made]
+        rows = torch.cat([x if x.dim() == 4 else x[None] for x in made])  # (sum of counts, 3, H, W)
+        value, grad = self._input_gradient(rows, [j for j, n in zip(jobs, counts) for _ in range(n)])
         grad, value = grad.float().cpu(), value.cpu().tolist()
-        for i, (j, s) in enumerate(zip(jobs, states)):
-            j.method.update(j.params, s, grad[i], value[i])
-        return value
+        out, start = [], 0
+        for j, s, x, n in zip(jobs, states, made, counts):
+            mine = slice(start, start + n)
+            start += n
+            g, v = (grad[mine], value[mine]) if x.dim() == 4 else (grad[mine.start], value[mine.start])
+            reported = j.method.update(j.params, s, g, v)
+            out.append(reported if reported is not None else (sum(v) / n if x.dim() == 4 else v))
+        return out
 
     # -- passes -----------------------------------------------------------------------------
     def _input_gradient(self, pixels: torch.Tensor, jobs: Sequence[Job]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +152,8 @@ class Engine:
         x = self._to_device(pixels).detach().requires_grad_(True)
         qk = frozenset().union(*(n.qk for n in needs))
         features = frozenset().union(*(n.features for n in needs))
-        with torch.enable_grad(), capture(qk_layers=qk, feature_layers=features) as store:
+        mlp = frozenset().union(*(n.mlp for n in needs))
+        with torch.enable_grad(), capture(qk_layers=qk, feature_layers=features, mlp_layers=mlp) as store:
             logits = self.forward(self.shape.normalize(x))
             value = torch.zeros(len(jobs), device=x.device)
             loss = torch.zeros(len(jobs), device=x.device)
@@ -151,7 +161,7 @@ class Engine:
                 first = jobs[idx[0]]
                 n = needs[idx[0]]
                 c = _captured(logits, idx, len(jobs), q=_pick(store.q, n.qk), k=_pick(store.k, n.qk),
-                              features=_pick(store.features, n.features))
+                              features=_pick(store.features, n.features), mlp=_pick(store.mlp, n.mlp))
                 v, reg = first.method.objective(first.params, c, x[idx], self.shape)
                 value[idx] = v.float()
                 loss[idx] = (v - reg).float()
@@ -272,7 +282,7 @@ def _group(jobs: Sequence[Job]) -> dict[tuple, list[int]]:
 
 
 def _captured(logits: torch.Tensor, idx: list[int], batch: int, *, reduced=None, attn=None, grads=None,
-              q=None, k=None, features=None) -> Captured:
+              q=None, k=None, features=None, mlp=None) -> Captured:
     """What the pass captured, cut to the batch rows idx (no copy when that is the whole batch)."""
     whole = len(idx) == batch
 
@@ -287,6 +297,7 @@ def _captured(logits: torch.Tensor, idx: list[int], batch: int, *, reduced=None,
         q={b: cut(t) for b, t in (q or {}).items()},
         k={b: cut(t) for b, t in (k or {}).items()},
         features={b: cut(t) for b, t in (features or {}).items()},
+        mlp={b: cut(t) for b, t in (mlp or {}).items()},
     )
 
 

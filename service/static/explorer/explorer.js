@@ -515,9 +515,14 @@ class Column {
   showLongResult(data) {
     this.last.response = data;
     const img = el("img", { class: "long-result", src: `data:image/png;base64,${data.image}`, alt: "the picture of the result" });
-    const last = data.objective.at(-1);
+    // the finished picture's objective where the answer measures it (after the last step), else the last step's
+    const last = data.final_objective ?? data.objective.at(-1);
+    const num = (v) => (v == null ? "–" : Number(v).toPrecision(5));
+    // robustness: how much of its gain the picture keeps under held-out transforms (docs/methods.md)
+    const robust = "robustness" in data ? ` · robustness ${data.robustness == null ? "–" : Number(data.robustness).toFixed(2)}` : "";
+    this.pane.dataset.robustness = data.robustness == null ? "" : String(data.robustness);
     this.view.append(el("figure", { class: "result" }, img,
-      el("figcaption", { text: `${data.objective.length} steps, final objective ${last == null ? "–" : Number(last).toPrecision(5)}` })));
+      el("figcaption", { text: `${data.objective.length} steps, final objective ${num(last)}${robust}` })));
     this.last.drawn = { kind: "long" };
     this.pane.dataset.kind = "long";
   }
