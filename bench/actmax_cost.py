@@ -101,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    from bench.__main__ import FULL, QUICK
-
-    f = cost((QUICK if args.quick else FULL)["timing"], tuple(int(c) for c in args.copies.split(",")), args.device)
+    timing = inprocess.TIMING_QUICK if args.quick else inprocess.TIMING
+    f = cost(timing, tuple(int(c) for c in args.copies.split(",")), args.device)
     print("\n".join(render(f)))
     return 0
 

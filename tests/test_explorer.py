@@ -351,7 +351,8 @@ def test_the_discard_sweep_plays_as_an_animation(tab, api, photo):
     assert s.page.get_attribute("#pane-a", "data-playing") == "false"
     s.page.fill("#pane-a input.frame", "1")  # the frame slider
     assert s.page.get_attribute("#pane-a", "data-frame") == "1"
-    assert "discard ratio 0.5" in s.page.inner_text("#pane-a .ratio")
+    # the frame's value, labelled by the parameter the method declares with the role "frames"
+    assert "discard ratios 0.5 · frame 2/3" in s.page.inner_text("#pane-a .ratio")
     direct = api_post(api, "/rollout/sweep", photo, got["request"])
     d = s.last()["drawn"]
     assert_drawn(s.pixels("#pane-a canvas.heat"), direct["masks"][1], d["width"], d["height"])
@@ -394,7 +395,7 @@ def test_activation_maximization_shows_live_progress(tab):
     s.page.wait_for_function("() => { const p = document.querySelector('#pane-a');"
                              " return p.dataset.state !== 'running' || Number(p.dataset.step) >= 2; }")
     if s.page.get_attribute("#pane-a", "data-state") == "running":
-        assert "/5 · objective" in s.page.inner_text("#pane-a .progress")
+        assert "/6 · objective" in s.page.inner_text("#pane-a .progress")  # 5 steps + the robustness pass
     s.page.wait_for_selector("#pane-a[data-state=done], #pane-a[data-state=error]")
     assert s.page.get_attribute("#pane-a", "data-state") == "done", s.page.inner_text("#pane-a .error")
     # every step's event reached the page, with the total it declares: the 5 steps and the robustness pass

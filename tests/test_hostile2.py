@@ -218,14 +218,15 @@ def test_a_stream_longer_than_every_timer_but_the_request_timeout_ends_with_its_
     steps = 10
     while True:  # as many steps as last about 4 read timeouts on this machine, now
         events, took = _stream(server, {"steps": steps, "format": "json"})
-        assert [n for n, _ in events] == ["progress"] * steps + ["result"], (steps, took, events[-1])
+        # a progress event per step, then one for the robustness pass after the last step
+        assert [n for n, _ in events] == ["progress"] * (steps + 1) + ["result"], (steps, took, events[-1])
         if took > 3 * READ_TIMEOUT_S or steps >= 1000:
             break
         steps = min(1000, max(2 * steps, int(steps * 4 * READ_TIMEOUT_S / took)))
     assert took > 2 * READ_TIMEOUT_S + 1, f"the premise: the stream must outlast the timers ({took:.1f} s)"
     assert took < REQUEST_TIMEOUT_S, "the premise: the stream must end before the request timeout"
-    assert [n for n, _ in events] == ["progress"] * steps + ["result"]
-    assert [d["step"] for _, d in events[:-1]] == list(range(steps))
+    assert [n for n, _ in events] == ["progress"] * (steps + 1) + ["result"]
+    assert [d["step"] for _, d in events[:-1]] == list(range(steps + 1))
     assert len(events[-1][1]["objective"]) == steps and events[-1][1]["image"]
 
 
@@ -284,21 +285,26 @@ def test_a_client_that_leaves_a_gif_sweep_frees_the_cpu_and_budgets_within_a_sec
 @pytest.mark.slow
 def test_after_a_504_of_a_gif_sweep_the_cpu_and_budgets_are_free_within_a_second(model_dirs, big):
     """The timeout falls while the frames are drawn (11 ratios), or while they are quantized and
-    encoded (2 ratios: or the answer comes in time); either way nothing runs a second after it."""
-    args = ["--model", f"s32=local-dir:{model_dirs['vit_small_patch32_224']}", "--request-timeout-s", "6",
+    encoded (4 ratios), or the answer comes in time on a fast machine; either way nothing runs a
+    second after it, and at least one of the three is cut by the timeout (the premise)."""
+    timeout = 4
+    args = ["--model", f"s32=local-dir:{model_dirs['vit_small_patch32_224']}", "--request-timeout-s", str(timeout),
             "--max-pixels", "12000000", "--max-pixels-in-flight", PIXELS_IN_FLIGHT, "--replicas-per-device", "1"]
+    statuses = []
     with running_server(args) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         for fmt, ratios in (("gif", None), ("gif", "0,0.3,0.6,0.9"), ("apng", None)):
             fields = {"format": fmt, "max_side": "0", **({"discard_ratios": ratios} if ratios else {})}  # full size
             t0 = time.monotonic()
             resp = c.post("/rollout/sweep", files=_files(big), data=fields)
-            assert resp.status_code == 504 or (ratios and resp.status_code == 200), resp.text
-            assert time.monotonic() - t0 < 6 + 1.5
+            statuses.append(resp.status_code)
+            assert resp.status_code in (200, 504), resp.text[:300]
+            assert time.monotonic() - t0 < timeout + 1.5
             time.sleep(1.0)
             assert _idle_cpu_s(s.proc.pid) < 0.3, f"the server kept working on the {fmt} after its {resp.status_code}"
             # the whole pixel budget is free again: a request that needs most of it is admitted
             resp = c.post("/rollout/sweep", files=_files(big), data={"format": "json"})
             assert resp.status_code == 200, resp.text
+    assert 504 in statuses, f"the premise: a full-size sweep must outlast {timeout} s ({statuses})"
 
 
 # -- 4. no body costs far more than its size ----------------------------------------------------------

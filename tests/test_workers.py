@@ -71,6 +71,19 @@ def answering(url: str, path: str = "/healthz", want: int = 2, tries: int = 400)
     return seen
 
 
+def kill_and_wait_replaced(server, victim: int, workers: int = 2) -> set[int]:
+    """SIGKILL one worker and wait (up to 180 s) until the supervisor has a new one in its place.
+    -> the workers' pids then."""
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while True:
+        kids = children(server.proc.pid)
+        if len(kids) == workers and victim not in kids:
+            return kids
+        assert time.monotonic() < deadline and server.proc.poll() is None
+        time.sleep(0.3)
+
+
 def wait_all_ready(url: str, workers: int, timeout: float = 180) -> dict[int, httpx.Response]:
     deadline = time.monotonic() + timeout
     while True:
@@ -229,14 +242,7 @@ def test_connection_limit_holds_per_worker(server):
 def test_a_killed_worker_is_replaced(server):
     old = children(server.proc.pid)
     victim = min(old)
-    os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 180
-    while True:
-        kids = children(server.proc.pid)
-        if len(kids) == 2 and victim not in kids:
-            break
-        assert time.monotonic() < deadline and server.proc.poll() is None
-        time.sleep(0.3)
+    kids = kill_and_wait_replaced(server, victim)
     seen = wait_all_ready(server.url, 2)
     assert set(seen) == kids and victim not in seen
     assert server.proc.poll() is None
@@ -266,14 +272,7 @@ def test_killed_workers_leave_their_counts_not_their_files(server):
             sent += 1
             assert sent < 2000, "every connection went to one worker"
         victim = min(served)
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 180
-        while True:
-            kids = children(server.proc.pid)
-            if len(kids) == 2 and victim not in kids:
-                break
-            assert time.monotonic() < deadline and server.proc.poll() is None
-            time.sleep(0.3)
+        kids = kill_and_wait_replaced(server, victim)
         wait_all_ready(server.url, 2)
         owners = {name.rsplit("_", 1)[1].removesuffix(".db") for name in os.listdir(directory) if name.endswith(".db")}
         assert owners <= {str(k) for k in kids} | {"dead"}, (owners, kids)

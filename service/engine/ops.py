@@ -165,4 +165,6 @@ def rollout(fused: Sequence[torch.Tensor], discard_ratio: float, prefix: int, gr
 
 def unit_pixels(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 pixel values in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+    # a read-only array (e.g. one made from bytes) is copied: torch takes only writable ones without a warning
+    arr = np.ascontiguousarray(pixels) if pixels.flags.writeable else np.array(pixels, order="C")
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)

@@ -90,15 +90,15 @@ function niceStep(x) {
   return 10 ** Math.floor(Math.log10(x));
 }
 
-// One control per declared parameter: {name, param, node, get(), set(v), refresh()}
+// One control per declared parameter: {name, decl (its declaration), node, get(), set(v), refresh()}
 function makeControl(p, method, model, column) {
   const id = `${column.id}-${p.name}`;
-  const wrap = el("div", { class: "param", "data-param": p.name, title: p.description });
+  const wrap = el("div", { class: "ctl", "data-param": p.name, title: p.description });
   const label = el("label", { for: id, text: p.required ? `${p.name} *` : p.name });
   const hint = el("span", { class: "hint", text: p.description });
   wrap.append(label);
   const dim = p.below && model ? model[p.below] : undefined;
-  const ctl = { name: p.name, param: p, node: wrap, refresh() {} };
+  const ctl = { name: p.name, decl: p, node: wrap, refresh() {} };
 
   if (p.type === "boolean") {
     const box = el("input", { id, name: p.name, type: "checkbox", checked: p.default === true });
@@ -248,7 +248,7 @@ class Column {
     if (m.image === "optional") {
       const input = el("input", { type: "checkbox", class: "use-image" });
       this.startFromImage = input;
-      box.append(el("div", { class: "param check" }, el("label", {}, input, " start from the uploaded image (else the method's own start)")));
+      box.append(el("div", { class: "ctl check" }, el("label", {}, input, " start from the uploaded image (else the method's own start)")));
     }
     for (const c of this.controls) {
       const v = values[c.name];
@@ -262,7 +262,7 @@ class Column {
   // a required class id with no value yet takes the image's top prediction
   fillClass(force = null) {
     for (const c of this.controls) {
-      if (c.param.below !== "classes") continue;
+      if (c.decl.below !== "classes") continue;
       if (force != null) c.set(force);
       else if (c.get() === "" && state.predictions?.length) c.set(state.predictions[0].class_id);
       c.refresh();
@@ -273,7 +273,7 @@ class Column {
   paramsChanged() {
     const byName = new Map(this.controls.map((c) => [c.name, c]));
     for (const c of this.controls) {
-      const when = Object.entries(c.param.when || {});
+      const when = Object.entries(c.decl.when || {});
       c.node.hidden = when.some(([name, values]) => byName.has(name) && !values.map(String).includes(byName.get(name).get()));
     }
   }
@@ -283,7 +283,7 @@ class Column {
     const fields = {}, missing = [];
     for (const c of this.controls) {
       if (c.node.hidden) continue;
-      const p = c.param, v = c.get();
+      const p = c.decl, v = c.get();
       if (v === "") {
         if (p.required) missing.push(p.name);
         continue;
