@@ -264,17 +264,8 @@ def _qkv(m, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _vit_attention(ref: Reference, m, x: torch.Tensor, attn_mask=None, is_causal=False) -> torch.Tensor:
-    """timm ViT: q and k through their norms; no bias."""
-    assert attn_mask is None and not is_causal
-    b, n, _ = x.shape
-    q, k, v = _qkv(m, x)
-    q, k = m.q_norm(q), m.k_norm(k)
-    ref._q.append(q)
-    ref._k.append(k)
-    o = m.norm(ref._attend(q, k, v, q.shape[-1] ** -0.5).transpose(1, 2).reshape(b, n, -1))
-    if getattr(m, "gate", None) is not None:
-        o = o * torch.sigmoid(m.gate(x))
-    return m.proj(o)
+    """timm ViT: q and k through their norms; no bias (EVA02's attention without a rotary embedding)."""
+    return _eva_attention(ref, m, x, None, attn_mask, is_causal)
 
 
 def _eva_attention(ref: Reference, m, x: torch.Tensor, rope=None, attn_mask=None, is_causal=False) -> torch.Tensor:

@@ -77,6 +77,18 @@ def test_the_objective_rises_and_pixels_stay_valid(setups):
         assert 0.0 <= float(s.pixels.min()) and float(s.pixels.max()) <= 1.0
 
 
+def alone_again_and_between(engine, a, b, c):
+    """Job a run alone, again (the same answer), and between b and c (the same answer within float
+    tolerance): its neighbours change nothing. -> (alone, together)."""
+    (alone,) = ascend(engine, [a])
+    (again,) = ascend(engine, [a])
+    assert torch.equal(alone.pixels, again.pixels) and alone.objective == again.objective
+    together = ascend(engine, [b, a, c])[1]
+    np.testing.assert_allclose(together.pixels.numpy(), alone.pixels.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(together.objective, alone.objective, rtol=1e-4, atol=1e-4)
+    return alone, together
+
+
 @pytest.mark.slow  # minutes of steps on 2 cores: the reference check above stays in make test-fast
 def test_a_seed_reproduces_the_image_and_neighbours_change_nothing(setups):
     engine, _, _ = setups["deit_tiny_patch16_224"]
@@ -84,12 +96,7 @@ def test_a_seed_reproduces_the_image_and_neighbours_change_nothing(setups):
             l2_weight=0.1)
     b = job("activation-max", param="pixel", target="class", category_id=9, steps=6, seed=12, tv_weight=5.0)
     c = job("activation-max", target="features", layer=1, channel=3, steps=6, seed=13)
-    (alone,) = ascend(engine, [a])
-    (again,) = ascend(engine, [a])
-    assert torch.equal(alone.pixels, again.pixels) and alone.objective == again.objective
-    together = ascend(engine, [b, a, c])[1]
-    np.testing.assert_allclose(together.pixels.numpy(), alone.pixels.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(together.objective, alone.objective, rtol=1e-4, atol=1e-4)
+    alone, together = alone_again_and_between(engine, a, b, c)
     (other_seed,) = ascend(engine, [job("activation-max", **{**a.params.model_dump(), "seed": 99})])
     assert not torch.equal(other_seed.pixels, alone.pixels)
 
@@ -146,12 +153,7 @@ def test_fourier_copies_batch_invariance_and_the_objective_rises(setups):
     a = job("activation-max", target="mlp", layer=3, channel=40, steps=5, seed=21, copies=3, noise=0.05)
     b = job("activation-max", target="class", category_id=9, steps=5, seed=22, copies=2)
     c = job("activation-max", param="pixel", target="features", layer=1, channel=3, steps=5, seed=23)
-    (alone,) = ascend(engine, [a])
-    (again,) = ascend(engine, [a])
-    assert torch.equal(alone.pixels, again.pixels) and alone.objective == again.objective
-    together = ascend(engine, [b, a, c])[1]
-    np.testing.assert_allclose(together.pixels.numpy(), alone.pixels.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(together.objective, alone.objective, rtol=1e-4, atol=1e-4)
+    alone, together = alone_again_and_between(engine, a, b, c)
     assert together.robustness == pytest.approx(alone.robustness, rel=1e-3, abs=1e-3)
     assert 0.0 <= float(alone.pixels.min()) and float(alone.pixels.max()) <= 1.0
     assert alone.final_objective > alone.start_objective
