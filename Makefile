@@ -30,7 +30,7 @@ run: $(STAMP)
 # A module with a server stays on one worker (its server starts once, tests/conftest.py); then the tests
 # marked `solo` (each bounds a latency or counts a server's CPU) run alone, without workers. The slowest
 # tests are printed, to keep the time visible.
-XDIST   ?= -n 3 --dist loadgroup
+XDIST   ?= -n 3 --dist loadfile
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST) -m "not solo" --durations=25; parallel=$$?; \
@@ -39,7 +39,7 @@ test: $(STAMP)
 
 # The unit tests alone: no server, worker, Ray, browser or docker process (markers: tests/conftest.py)
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup --durations=10
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=10
 
 # ruff, configured in pyproject.toml [tool.ruff]; no formatter check (the tree is not ruff-formatted)
 lint: $(STAMP)

@@ -33,28 +33,26 @@ PROCESS_FIXTURES = {
 }
 
 
-# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadgroup -m "not solo"): the servers
-# mostly wait on sockets and timers, so three workers keep two cores busy. A module where a test uses a process
-# fixture is one xdist group: its server (browser, Ray cluster) starts once, on one worker, and its tests run
-# there one after another, never two Ray clusters or two browsers at once. Every other test goes to whichever
-# worker is free. The tests marked `solo` (each bounds a latency or counts a server's CPU) run after that,
-# alone (`-m solo`, no workers); run with workers anyway, they share the one group SOLO.
-SOLO = "solo"
+# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadfile -m "not solo"): the servers
+# mostly wait on sockets and timers, so three workers keep two cores busy. Each test module runs whole on one
+# worker, so a module's server (browser, Ray cluster) starts once, and never two Ray clusters or two browsers
+# run at once. (Not --dist loadgroup: pytest-xdist 3.8 marks a group by rewriting `item._nodeid`, which
+# pytest 9.2 no longer reads, so every group was silently ignored and each module server started on every
+# worker that drew one of its tests.) The tests marked `solo` (each bounds a latency or counts a server's CPU)
+# run after that, alone (`-m solo`, no workers).
+
+# One torch thread per pytest-xdist worker: three workers on two cores with two OpenMP threads each spend
+# more CPU spinning and switching than computing (the same float64 forwards took 2.3x the CPU time with two
+# threads as with one, on the loaded box). The servers the tests start choose their own threads (service/app.py).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    with_processes = set()
     for item in items:
         names = {m for f in getattr(item, "fixturenames", ()) for m in PROCESS_FIXTURES.get(f, ())}
         for name in sorted(names):
             item.add_marker(name)
-        if names:
-            with_processes.add(item.path)
-    for item in items:
-        if item.get_closest_marker(SOLO) is not None:
-            item.add_marker(pytest.mark.xdist_group(SOLO))
-        elif item.path in with_processes:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
