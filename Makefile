@@ -31,10 +31,12 @@ run: $(STAMP)
 # marked `solo` (each bounds a latency or counts a server's CPU) run alone, without workers. The slowest
 # tests are printed, to keep the time visible.
 XDIST   ?= -n 3 --dist loadfile
+# the modules holding solo tests: the solo run collects only these (collecting all of them takes seconds)
+SOLO    := $(shell grep -l 'mark\.solo' tests/test_*.py)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST) -m "not solo" --durations=25; parallel=$$?; \
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m solo --durations=5; alone=$$?; \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m solo --durations=5 $(SOLO); alone=$$?; \
 	test $$parallel -eq 0 -a $$alone -eq 0
 
 # The unit tests alone: no server, worker, Ray, browser or docker process (markers: tests/conftest.py)

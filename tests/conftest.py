@@ -76,6 +76,20 @@ def model_dirs(models, tmp_path_factory) -> dict[str, str]:
     return out
 
 
+# the near-zero model of issue 17: one block, embed 48, 224 px (a 14 x 14 grid): a server's CPU is its request path
+TINY_ARGS = dict(depth=1, embed_dim=48, num_heads=3, num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The near-zero model saved as a local-dir folder."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_ARGS).eval()
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny")
+    save_for_hf(model, path, model_args=TINY_ARGS, safe_serialization=True)
+    return path
+
+
 @pytest.fixture()
 def client(server):
     """An HTTP client of the module's `server` fixture, where that yields the server's URL (modules

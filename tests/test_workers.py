@@ -15,10 +15,7 @@ import time
 
 import httpx
 import pytest
-import timm
-import torch
 from pydantic import ValidationError
-from timm.models import save_for_hf
 
 from service import runtime
 from service.config import Settings
@@ -26,17 +23,6 @@ from tests.conftest import png_bytes, smooth_image
 from tests.server import free_port, running_server
 
 MAX_CONNECTIONS = 3  # per process
-# the near-zero model of issue 17: one block, embed 48, 224 px
-TINY_ARGS = dict(depth=1, embed_dim=48, num_heads=3, num_classes=10)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_ARGS).eval()
-    path = str(tmp_path_factory.mktemp("tiny") / "tiny")
-    save_for_hf(model, path, model_args=TINY_ARGS, safe_serialization=True)
-    return path
 
 
 def children(pid: int) -> set[int]:
