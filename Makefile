@@ -30,7 +30,7 @@ run: $(STAMP)
 # A module with a server stays on one worker (its server starts once, tests/conftest.py); then the tests
 # marked `solo` (each bounds a latency or counts a server's CPU) run alone, without workers. The slowest
 # tests are printed, to keep the time visible.
-XDIST   ?= -n 3 --dist loadfile
+XDIST   ?= -n 3 --dist loadfile --no-loadscope-reorder
 # the modules holding solo tests: the solo run collects only these (collecting all of them takes seconds)
 SOLO    := $(shell grep -l 'mark\.solo' tests/test_*.py)
 
@@ -41,7 +41,7 @@ test: $(STAMP)
 
 # The unit tests alone: no server, worker, Ray, browser or docker process (markers: tests/conftest.py)
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=10
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 # ruff, configured in pyproject.toml [tool.ruff]; no formatter check (the tree is not ruff-formatted)
 lint: $(STAMP)

@@ -48,11 +48,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The modules that keep a worker longest (make test prints the slowest tests), longest first: with
+# --no-loadscope-reorder pytest-xdist hands modules out in collection order, so these start at once and the
+# run does not end on one of them with the other workers idle. (By default it orders them by test count.)
+LONGEST_FIRST = ["test_ray.py", "test_production.py", "test_client_cli.py", "test_hostile3_work.py", "test_bench.py",
+                 "test_workers.py", "test_activation_max.py", "test_hostile2.py", "test_faithfulness.py",
+                 "test_api.py", "test_explorer.py", "test_long_work.py", "test_compare.py"]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = {m for f in getattr(item, "fixturenames", ()) for m in PROCESS_FIXTURES.get(f, ())}
         for name in sorted(names):
             item.add_marker(name)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
 
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -263,3 +263,15 @@ def test_proxy_doc_names_what_the_asgi_level_cannot_do():
     for setting in ("client_header_timeout", "large_client_header_buffers", "limit_conn", "request_headers_timeout",
                     "max_request_headers_kb"):
         assert re.search(rf"\b{setting}\b", doc), setting
+
+
+def test_the_longest_modules_named_first_exist_and_the_makefile_keeps_their_order():
+    """tests/conftest.py's LONGEST_FIRST: a renamed module would silently lose its place; pytest-xdist keeps
+    the collection order only with --no-loadscope-reorder, and keeps a module on one worker with loadfile."""
+    from tests.conftest import LONGEST_FIRST
+
+    here = Path(__file__).parent
+    assert [name for name in LONGEST_FIRST if not (here / name).exists()] == []
+    makefile = (here.parent / "Makefile").read_text()
+    xdist = re.search(r"^XDIST\s*\?=(.*)$", makefile, re.M).group(1).split()
+    assert {"--dist", "loadfile", "--no-loadscope-reorder"} <= set(xdist)
