@@ -19,9 +19,9 @@ from bench.client import ENDPOINTS
 from service import runtime
 
 FULL = {"batches": "1,8,16,32", "clients": "1,4,16,64", "duration": 10.0, "warmup": 2.0, "faithfulness_steps": 16,
-        "timing": inprocess.TIMING}
+        "timing": inprocess.TIMING, "actmax_copies": (1, 2, 4, 8)}
 QUICK = {"batches": "1,16", "clients": "1,16", "duration": 1.5, "warmup": 0.5, "faithfulness_steps": 2,
-         "timing": inprocess.TIMING_QUICK}
+         "timing": inprocess.TIMING_QUICK, "actmax_copies": (1, 4)}
 
 
 def _ints(text: str) -> list[int]:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     results["actmax"] = None
     if not args.skip_actmax:
         print("G) activation maximization's step against copies x one forward and backward")
-        results["actmax"] = actmax_cost.cost(preset["timing"])
+        results["actmax"] = actmax_cost.cost(preset["timing"], preset["actmax_copies"])
 
     results["targets"] = report.targets(engine, results["served"], plain) + path.targets(results["path"])
     results["targets"] += faithfulness.targets(results["faithfulness"])

@@ -119,7 +119,8 @@ def build_cases(model: nn.Module) -> dict[str, Case]:
 # -- timing -----------------------------------------------------------------------------------
 # How long each in-process case is timed (time_cases' keywords), for the full and the --quick bench
 TIMING = {"warmup": 2, "min_reps": 5, "min_seconds": 3.0, "max_reps": 30}
-TIMING_QUICK = {"warmup": 1, "min_reps": 2, "min_seconds": 0.0, "max_reps": 2}
+# (--quick checks the plumbing and gives rough figures: one warm-up run and one timed run per case)
+TIMING_QUICK = {"warmup": 1, "min_reps": 1, "min_seconds": 0.0, "max_reps": 1}
 
 
 def _figures(times: list[float], batch: int) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ def test_bench_quick_plumbing(tmp_path):
     assert all(c["requests"] > 0 for c in cells)
     assert results["served"]["peak_rss_mb"]["default"] > 0
     assert {t["name"] for t in results["targets"]}  # every target is listed, even when n/a
-    assert [c["case"] for c in results["path"]["cases"]] == ["rollout-json"]  # part D, one case
+    check_path_part(results["path"], path_bench.loader_name(), "auto", ["rollout-json"])  # part D, one case
     assert set(results["capture"]) == {"near-zero"} and results["capture"]["near-zero"]["ratio_cpu"] > 0  # part F
     assert any("server CPU per request" in t["name"] for t in results["targets"])
     text = (out / "results.md").read_text()
@@ -73,14 +72,16 @@ _SHORT = {**path_bench.QUICK, "warmup": 0.3, "duration": 1.0, "clients": 2}
 
 
 @pytest.mark.solo  # counts the server's CPU per request: alone, after the parallel run (Makefile)
-@pytest.mark.parametrize("loader,body,keys", [
-    ("python", "json", ["floor", "rollout-json"]),
-    pytest.param("wrk", "auto", ["rollout-json"],
-                 marks=pytest.mark.skipif(not shutil.which("wrk"), reason="wrk is not installed")),
-])
 @pytest.mark.slow
-def test_path_part_measures_server_cpu_per_request(tmp_path, loader, body, keys):
-    out = path_bench.run_path_bench(tmp_path, _SHORT, body, keys, loader=loader)
+def test_path_part_measures_server_cpu_per_request_and_the_floor_app(tmp_path):
+    """The Python load generator with the floor app; wrk (the default loader where installed) drives
+    part D in test_bench_quick_plumbing, which checks the same."""
+    keys = ["floor", "rollout-json"]
+    check_path_part(path_bench.run_path_bench(tmp_path, _SHORT, "json", keys, loader="python"), "python", "json", keys)
+
+
+def check_path_part(out: dict, loader: str, body: str, keys: list[str]) -> None:
+    """Part D's results: one case measured, the server's CPU per request above the load generator's."""
     assert out["loader"] == loader and out["body"] in (("json",) if body == "json" else ("raw", "multipart"))
     [case] = out["cases"]
     assert case["case"] == "rollout-json" and case["errors"] == 0 and case["requests"] > 0

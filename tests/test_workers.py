@@ -252,7 +252,8 @@ def test_killed_workers_leave_their_counts_not_their_files(server):
     directory = _metrics_dir(min(children(server.proc.pid)))
 
     def healthz_total() -> float:
-        return _metric(_fresh.get(server.url + "/metrics").text, "vit_requests_total", endpoint="/healthz", status="200")
+        text = _fresh.get(server.url + "/metrics").text
+        return _metric(text, "vit_requests_total", endpoint="/healthz", status="200")
 
     start, sent = healthz_total(), 0
     for _ in range(3):
