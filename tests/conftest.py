@@ -51,9 +51,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The modules that keep a worker longest (make test prints the slowest tests), longest first: with
 # --no-loadscope-reorder pytest-xdist hands modules out in collection order, so these start at once and the
 # run does not end on one of them with the other workers idle. (By default it orders them by test count.)
-LONGEST_FIRST = ["test_ray.py", "test_production.py", "test_client_cli.py", "test_hostile3_work.py", "test_bench.py",
-                 "test_workers.py", "test_activation_max.py", "test_hostile2.py", "test_faithfulness.py",
-                 "test_api.py", "test_explorer.py", "test_long_work.py", "test_compare.py"]
+LONGEST_FIRST = ["test_ray.py", "test_client_cli.py", "test_hostile3_work.py", "test_bench.py", "test_workers.py",
+                 "test_hostile2.py", "test_activation_max.py", "test_production.py", "test_faithfulness.py",
+                 "test_api.py", "test_long_work.py", "test_explorer.py", "test_hostile.py", "test_readme.py",
+                 "test_compare.py", "test_methods.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -56,8 +56,7 @@ def test_profile_prints_the_busiest_ops_of_each_case(capsys):
     assert "aten::bmm" in out  # rollout writes the attention out instead of the fused kernel
 
 
-@pytest.mark.solo  # measures two servers under load: alone, after the parallel run (Makefile)
-@pytest.mark.slow
+@pytest.mark.slow  # no figure is judged, only that both servers answered in every window: beside other tests
 def test_compare_alternates_two_servers_from_their_own_trees(tmp_path):
     here = Path(__file__).resolve().parents[1]
     lines: list[str] = []

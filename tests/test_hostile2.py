@@ -247,7 +247,7 @@ def test_an_empty_body_is_answered_at_once(client):
         t0 = time.monotonic()
         resp = client.post("/rollout", content=b"", headers={"content-type": ctype})
         assert 400 <= resp.status_code < 500 and time.monotonic() - t0 < 5, (ctype, resp.status_code)
-    assert client.post("/activation-max", json={"steps": 1, "format": "json"}).status_code == 200
+    assert client.post("/activation-max", json={"steps": 1, "copies": 1, "format": "json"}).status_code == 200
 
 
 # -- 3. no work after the answer ------------------------------------------------------------------
@@ -385,7 +385,7 @@ def test_hostile_labels_in_json_answers_and_the_label_list(client):
     pred = client.post("/predict", files=_files()).json()
     assert {p["label"] for p in pred["predictions"]} == {LABEL}
     assert set(client.get("/models/evil/labels").json()["labels"]) == {LABEL}
-    resp = client.post("/activation-max", json={"steps": 1})
+    resp = client.post("/activation-max", json={"steps": 1, "copies": 1})
     assert resp.status_code == 200 and resp.headers["x-model"] == "evil"
 
 
@@ -424,7 +424,7 @@ def test_every_numeric_field_is_covered():
 @pytest.mark.parametrize("method, field, many, required, good", NUMERIC, ids=[f"{m}.{f}" for m, f, *_ in NUMERIC])
 def test_json_booleans_are_refused_for_every_numeric_parameter(client, method, field, many, required, good):
     m = REGISTRY[method]
-    base = {"image": B64, "format": "json"} if m.image == "required" else {"format": "json", "steps": 1}
+    base = {"image": B64, "format": "json"} if m.image == "required" else {"format": "json", "steps": 1, "copies": 1}
     base.update({r: 1 for r in required if r != field})
     for value in ([True], [0.5, False]) if many else (True, False):
         resp = client.post(m.route, json={**base, field: value})
