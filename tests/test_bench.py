@@ -23,7 +23,7 @@ from bench.compare import compare
 def test_bench_quick_plumbing(tmp_path):
     out = tmp_path / "bench"
     assert main(["--quick", "--batches", "1", "--clients", "1,2", "--endpoints", "rollout-json",
-                 "--batching", "default", "--duration", "1.5", "--warmup", "0.2", "--path-cases", "rollout-json",
+                 "--batching", "default", "--duration", "0.5", "--warmup", "0.2", "--path-cases", "rollout-json",
                  "--capture-families", "near-zero", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["engine"]) == {"bare", "rollout", "grad_rollout", "grad_floor", "fwd_full_bwd", "naive"}

@@ -286,7 +286,8 @@ def test_a_client_that_leaves_a_gif_sweep_frees_the_cpu_and_budgets_within_a_sec
 def test_after_a_504_of_a_gif_sweep_the_cpu_and_budgets_are_free_within_a_second(model_dirs, big):
     """The timeout falls while the frames are drawn (11 ratios), or while they are quantized and
     encoded (4 ratios), or the answer comes in time on a fast machine; either way nothing runs a
-    second after it, and at least one of the three is cut by the timeout (the premise)."""
+    second after it, the pixel budget is whole after the three, and at least one of the three is cut
+    by the timeout (the premise)."""
     timeout = 3
     args = ["--model", f"s32=local-dir:{model_dirs['vit_small_patch32_224']}", "--request-timeout-s", str(timeout),
             "--max-pixels", "12000000", "--max-pixels-in-flight", PIXELS_IN_FLIGHT, "--replicas-per-device", "1"]
@@ -301,9 +302,10 @@ def test_after_a_504_of_a_gif_sweep_the_cpu_and_budgets_are_free_within_a_second
             assert time.monotonic() - t0 < timeout + 1.5
             time.sleep(1.0)
             assert _idle_cpu_s(s.proc.pid) < 0.3, f"the server kept working on the {fmt} after its {resp.status_code}"
-            # the whole pixel budget is free again: a request that needs most of it is admitted
-            resp = c.post("/rollout/sweep", files=_files(big), data={"format": "json"})
-            assert resp.status_code == 200, resp.text
+        # the whole pixel budget is free again: a request that needs most of it is admitted (any one of the three
+        # sweeps keeping its frames' pixels would leave too little)
+        resp = c.post("/rollout/sweep", files=_files(big), data={"format": "json"})
+        assert resp.status_code == 200, resp.text
     assert 504 in statuses, f"the premise: a full-size sweep must outlast {timeout} s ({statuses})"
 
 
