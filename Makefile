@@ -26,8 +26,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m service serve --host $(HOST) --port $(PORT) $(ARGS)
 
-# Three pytest-xdist workers: most tests wait on servers' sockets and timers, not on the two cores.
-# A module with a server stays on one worker (its server starts once, tests/conftest.py); then the tests
+# Three pytest-xdist workers keep the two cores busy while some tests wait on sockets and timers.
+# Each module stays on one worker (its server starts once), the longest first (tests/conftest.py); then the tests
 # marked `solo` (each bounds a latency or counts a server's CPU) run alone, without workers. The slowest
 # tests are printed, to keep the time visible.
 XDIST   ?= -n 3 --dist loadfile --no-loadscope-reorder

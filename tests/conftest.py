@@ -33,8 +33,8 @@ PROCESS_FIXTURES = {
 }
 
 
-# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadfile -m "not solo"): the servers
-# mostly wait on sockets and timers, so three workers keep two cores busy. Each test module runs whole on one
+# `make test` runs the suite on pytest-xdist workers (-n 3 --dist loadfile -m "not solo"): three keep the two
+# cores busy while some tests wait on sockets and timers. Each test module runs whole on one
 # worker, so a module's server (browser, Ray cluster) starts once, and never two Ray clusters or two browsers
 # run at once. (Not --dist loadgroup: pytest-xdist 3.8 marks a group by rewriting `item._nodeid`, which
 # pytest 9.2 no longer reads, so every group was silently ignored and each module server started on every
@@ -48,13 +48,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-# The modules that keep a worker longest (make test prints the slowest tests), longest first: with
-# --no-loadscope-reorder pytest-xdist hands modules out in collection order, so these start at once and the
-# run does not end on one of them with the other workers idle. (By default it orders them by test count.)
-LONGEST_FIRST = ["test_ray.py", "test_client_cli.py", "test_hostile3_work.py", "test_bench.py", "test_workers.py",
-                 "test_hostile2.py", "test_activation_max.py", "test_production.py", "test_faithfulness.py",
-                 "test_api.py", "test_long_work.py", "test_explorer.py", "test_hostile.py", "test_readme.py",
-                 "test_compare.py", "test_methods.py"]
+# The modules that keep a worker longest (make test prints the slowest tests), first: with --no-loadscope-reorder
+# pytest-xdist hands modules out in collection order, so these start at once and the run does not end on one of
+# them with the other workers idle (by default it orders them by test count). The first three run side by side
+# from the start: two that mostly wait (Ray's cluster, the CLI's retries) beside one that computes (the bench).
+LONGEST_FIRST = ["test_ray.py", "test_bench.py", "test_client_cli.py", "test_activation_max.py",
+                 "test_hostile3_work.py", "test_workers.py", "test_hostile2.py", "test_production.py",
+                 "test_faithfulness.py", "test_api.py", "test_long_work.py", "test_explorer.py", "test_hostile.py",
+                 "test_readme.py", "test_compare.py", "test_methods.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
