@@ -28,15 +28,17 @@ run: $(STAMP)
 
 # Three pytest-xdist workers keep the two cores busy while some tests wait on sockets and timers.
 # Each module stays on one worker (its server starts once), the longest first (tests/conftest.py); then the tests
-# marked `solo` (each bounds a latency or counts a server's CPU) run alone, without workers. The slowest
-# tests are printed, to keep the time visible.
+# marked `solo` (each bounds a latency or counts a server's CPU) run after them, on two workers, one module
+# per core: a solo test is never beside the saturated parallel run, nor beside another test of its module.
+# The slowest tests are printed, to keep the time visible.
 XDIST   ?= -n 3 --dist loadfile --no-loadscope-reorder
+SOLO_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 # the modules holding solo tests: the solo run collects only these (collecting all of them takes seconds)
 SOLO    := $(shell grep -l 'mark\.solo' tests/test_*.py)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST) -m "not solo" --durations=25; parallel=$$?; \
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m solo --durations=5 $(SOLO); alone=$$?; \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(SOLO_XDIST) -m solo --durations=5 $(SOLO); alone=$$?; \
 	test $$parallel -eq 0 -a $$alone -eq 0
 
 # The unit tests alone: no server, worker, Ray, browser or docker process (markers: tests/conftest.py)

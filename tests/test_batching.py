@@ -34,7 +34,7 @@ def test_concurrent_items_are_batched_up_to_the_max_size():
     assert sorted(x for s in seen for x in s) == list(range(10))
 
 
-@pytest.mark.solo  # bounds a latency: never beside the other solo tests under xdist
+@pytest.mark.solo  # bounds a latency: after the parallel run (Makefile)
 def test_a_lone_item_runs_at_once_without_waiting_for_company():
     async def main():
         b = Batcher([lambda items: items], max_batch_size=64, max_delay_ms=500)

@@ -70,7 +70,7 @@ def test_compare_alternates_two_servers_from_their_own_trees(tmp_path):
 _SHORT = {**path_bench.QUICK, "warmup": 0.3, "duration": 1.0, "clients": 2}
 
 
-@pytest.mark.solo  # counts the server's CPU per request: alone, after the parallel run (Makefile)
+@pytest.mark.solo  # counts the server's CPU per request: after the parallel run (Makefile)
 @pytest.mark.slow
 def test_path_part_measures_server_cpu_per_request_and_the_floor_app(tmp_path):
     """The Python load generator with the floor app; wrk (the default loader where installed) drives
@@ -99,7 +99,7 @@ def check_path_part(out: dict, loader: str, body: str, keys: list[str]) -> None:
         assert out["floor"] is None
 
 
-@pytest.mark.solo  # counts CPU: alone, after the parallel run (Makefile)
+@pytest.mark.solo  # counts CPU: after the parallel run (Makefile)
 def test_tree_cpu_counts_every_descendant():
     """A grandchild that burns 0.3 s of CPU counts in the root's tree, and not in the root's own time."""
     burn = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"

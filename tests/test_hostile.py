@@ -397,7 +397,7 @@ def test_health_answers_within_a_second_while_100_slow_clients_hold_connections(
             s.close()
 
 
-@pytest.mark.solo  # bounds a latency: never beside the other solo tests under xdist
+@pytest.mark.solo  # bounds a latency: after the parallel run (Makefile)
 def test_connections_beyond_the_limit_evict_the_idlest_and_probes_still_get_in(server, client):
     socks = []
     try:
@@ -485,7 +485,7 @@ def test_the_queue_refuses_before_decoding():
     asyncio.run(main())
 
 
-@pytest.mark.solo  # bounds a latency: never beside the other solo tests under xdist
+@pytest.mark.solo  # bounds a latency: after the parallel run (Makefile)
 # -- units: the pieces the server tests rely on ------------------------------------------------------------
 def test_prescan_is_linear_and_allows_ordinary_bodies():
     big = json.dumps({"image": "A" * 15_000_000, "format": "json", "model": 'a"b\\c'}).encode()

@@ -220,7 +220,7 @@ def _stream(server, body: dict) -> tuple[list[tuple[str, dict]], float]:
     return events, time.monotonic() - t0
 
 
-@pytest.mark.solo  # ten steps within a timeout: alone, after the parallel run (Makefile)
+@pytest.mark.solo  # ten steps within a timeout: after the parallel run (Makefile)
 def test_a_stream_longer_than_every_timer_but_the_request_timeout_ends_with_its_result(server):
     steps = 10
     while True:  # as many steps as last about 4 read timeouts on this machine, now
@@ -237,7 +237,7 @@ def test_a_stream_longer_than_every_timer_but_the_request_timeout_ends_with_its_
     assert len(events[-1][1]["objective"]) == steps and events[-1][1]["image"]
 
 
-@pytest.mark.solo  # bounds a latency: alone, after the parallel run (Makefile)
+@pytest.mark.solo  # bounds a latency: after the parallel run (Makefile)
 def test_a_stream_at_the_request_timeout_ends_with_an_error_event(server):
     events, took = _stream(server, {"steps": 1000})
     names = [n for n, _ in events]
@@ -271,7 +271,7 @@ def _idle_cpu_s(pid: int, window_s: float = 1.5) -> float:
     return _cpu_s(pid) - cpu0
 
 
-@pytest.mark.solo  # counts the server's CPU: alone, after the parallel run (Makefile)
+@pytest.mark.solo  # counts the server's CPU: after the parallel run (Makefile)
 def test_a_client_that_leaves_a_gif_sweep_frees_the_cpu_and_budgets_within_a_second(server, big):
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
         req = httpx.Request("POST", "http://x/rollout/sweep", files=_files(big), data={"max_side": "0"})  # full size

@@ -267,7 +267,8 @@ def test_proxy_doc_names_what_the_asgi_level_cannot_do():
 
 def test_the_longest_modules_named_first_exist_and_the_makefile_keeps_their_order():
     """tests/conftest.py's LONGEST_FIRST: a renamed module would silently lose its place; pytest-xdist keeps
-    the collection order only with --no-loadscope-reorder, and keeps a module on one worker with loadfile."""
+    the collection order only with --no-loadscope-reorder, and keeps a module on one worker with loadfile. The
+    solo run keeps a module on one worker too (its tests never beside each other), on no more workers than cores."""
     from tests.conftest import LONGEST_FIRST
 
     here = Path(__file__).parent
@@ -275,3 +276,6 @@ def test_the_longest_modules_named_first_exist_and_the_makefile_keeps_their_orde
     makefile = (here.parent / "Makefile").read_text()
     xdist = re.search(r"^XDIST\s*\?=(.*)$", makefile, re.M).group(1).split()
     assert {"--dist", "loadfile", "--no-loadscope-reorder"} <= set(xdist)
+    solo = re.search(r"^SOLO_XDIST\s*\?=(.*)$", makefile, re.M).group(1).split()
+    assert {"--dist", "loadfile"} <= set(solo) and int(solo[solo.index("-n") + 1]) <= 2
+    assert "$(SOLO_XDIST) -m solo" in makefile

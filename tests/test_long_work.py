@@ -48,7 +48,7 @@ def test_a_maximization_past_the_timeout_answers_504_and_frees_its_slot(server):
     _wait_for_free_slot(server.url, within_s=10)
 
 
-@pytest.mark.solo  # its first step must come within the 4 s timeout: alone, after the parallel run (Makefile)
+@pytest.mark.solo  # its first step must come within the 4 s timeout: after the parallel run (Makefile)
 def test_a_streamed_maximization_past_the_timeout_ends_with_an_error_event(server):
     with httpx.stream("POST", server.url + "/activation-max", json=LONG, headers=SSE, timeout=60) as r:
         lines = [line for line in r.iter_lines() if line.startswith("event: ")]
@@ -56,7 +56,7 @@ def test_a_streamed_maximization_past_the_timeout_ends_with_an_error_event(serve
     _wait_for_free_slot(server.url, within_s=10)
 
 
-@pytest.mark.solo  # the slot freed within 3 s: alone, after the parallel run (Makefile)
+@pytest.mark.solo  # the slot freed within 3 s: after the parallel run (Makefile)
 def test_a_client_that_leaves_stops_its_maximization_and_explanations_go_on(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         with c.stream("POST", "/activation-max", json={**LONG, "format": "json"}, headers=SSE) as r:
