@@ -267,7 +267,10 @@ def test_openapi_fuzzing_finds_no_server_error(server):
 # -- soak ------------------------------------------------------------------------------------------
 def test_soak_1000_requests_memory_stays_flat(server):
     """On the near-zero model, whose forward costs little beside the request path: a leak of what a request
-    captures would still show (each captures a layer of 3 x 197 x 197 attention, 0.47 MB: 370 MB over 800)."""
+    captures would still show (each captures a layer of 3 x 197 x 197 attention, 0.47 MB: 125 MB per 266
+    requests). RSS is read after the warm-up and after each of three rounds: a leak grows it in every round,
+    while a one-off step (an allocator arena for a thread first used late; 71 MB once, in a saturated run)
+    lands in one. So the middle round's growth is bounded, and the total more loosely."""
     data = png_bytes(smooth_image(50))
 
     def burst(n):
@@ -275,13 +278,14 @@ def test_soak_1000_requests_memory_stays_flat(server):
             return [post(c, "/rollout", data, model="tiny", format="json", discard_ratio=0.5).status_code
                     for _ in range(n)]
 
+    statuses, rss = [], []
     with ThreadPoolExecutor(4) as pool:
-        warm = sum(pool.map(burst, [50] * 4), [])
-        rss_warm = server.rss_mb()
-        rest = sum(pool.map(burst, [200] * 4), [])
-    rss_end = server.rss_mb()
-    assert warm.count(200) + rest.count(200) == 1000
-    assert rss_end - rss_warm < 60, f"RSS grew from {rss_warm:.0f} MB to {rss_end:.0f} MB over 800 requests"
+        for per_client in (50, 67, 67, 66):  # 200 to warm up, then three rounds of about 266
+            statuses += sum(pool.map(burst, [per_client] * 4), [])
+            rss.append(server.rss_mb())
+    assert statuses.count(200) == 1000
+    rounds = sorted(b - a for a, b in zip(rss, rss[1:]))
+    assert rounds[1] < 40 and rss[-1] - rss[0] < 150, f"RSS over the warm-up and three rounds: {rss} MB"
 
 
 # -- separate servers for settings that change everything -------------------------------------------
