@@ -1,27 +1,112 @@
-"""Start a real `python -m service serve` process for a test module and wait until it is ready."""
+"""Start a real `python -m service serve` process for a test module and wait until it is ready: forked
+by the zygote of this test process (tests/zygote.py: the imports made once), or, with
+VIT_TEST_FRESH_SERVERS=1, a fresh interpreter."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
+import json
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+
+
+class Forked:
+    """What the tests use of a `subprocess.Popen`, for a server the zygote forked: its pid, signals, and its
+    exit status (as Popen's returncode: -N for signal N), which the zygote sends when it ends."""
+
+    def __init__(self, conn: socket.socket, args: list[str]) -> None:
+        self.args = args
+        self.returncode: int | None = None
+        self._conn = conn
+        self.pid = int(self._line())
+
+    def _line(self) -> str:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = self._conn.recv(1)  # byte by byte: nothing read past the line, so select() sees the next
+            if not chunk:
+                raise RuntimeError("the zygote closed the connection (it has gone)")
+            data += chunk
+        return data.decode()
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
+            self._ended()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self._conn], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self._ended()
+        return self.returncode
+
+    def _ended(self) -> None:
+        self.returncode = int(self._line())
+        self._conn.close()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+_zygote: tuple[subprocess.Popen, str] | None = None
+_zygote_lock = threading.Lock()
+
+
+def _zygote_path() -> str:
+    """The socket of this test process's zygote, started on first use and ended with the process."""
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or _zygote[0].poll() is not None:
+            path = os.path.join(tempfile.mkdtemp(prefix="vit-zygote-"), "sock")
+            proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", path], stdin=subprocess.PIPE,
+                                    cwd=Path(__file__).resolve().parents[1],
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            atexit.register(proc.stdin.close)  # its stdin closes: it exits
+            deadline = time.monotonic() + 120
+            while not os.path.exists(path):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the test servers' zygote did not start (exit {proc.poll()})")
+                time.sleep(0.05)
+            _zygote = (proc, path)
+        return _zygote[1]
+
+
+def _start(cmd: list[str], log_fd: int, log_path: str, env: dict) -> subprocess.Popen | Forked:
+    if os.environ.get("VIT_TEST_FRESH_SERVERS") == "1":
+        return subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, env=env)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(_zygote_path())
+    conn.sendall(json.dumps({"argv": cmd[3:], "env": env, "cwd": os.getcwd(), "log": log_path}).encode() + b"\n")
+    return Forked(conn, cmd)
 
 
 @dataclass
 class Server:
     url: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Forked
     log_path: str
 
     def log(self) -> str:
@@ -64,8 +149,7 @@ def running_server(args: list[str], ready_timeout: float = 180, env: dict | None
     port = free_port()
     fd, log_path = tempfile.mkstemp(prefix="vit-server-", suffix=".log")
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    proc = _start(cmd, fd, log_path, {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     os.close(fd)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + ready_timeout

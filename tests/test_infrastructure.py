@@ -9,7 +9,9 @@ import ast
 import io
 import json
 import logging
+import os
 import re
+import signal
 import tomllib
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def _rel(path: Path) -> str:
 
 # -- the import graph ---------------------------------------------------------------------------
 def test_no_module_imports_the_entry_point():
-    offenders = [_rel(p) for p in OURS if "service.__main__" in _imports(_tree(p))]
+    """tests/zygote.py is the one that may: it runs the entry point in the servers it forks, as `python -m service`."""
+    offenders = [_rel(p) for p in OURS if "service.__main__" in _imports(_tree(p)) and _rel(p) != "tests/zygote.py"]
     assert not offenders, f"import the command's own module instead of service.__main__: {offenders}"
 
 
@@ -279,3 +282,28 @@ def test_the_longest_modules_named_first_exist_and_the_makefile_keeps_their_orde
     solo = re.search(r"^SOLO_XDIST\s*\?=(.*)$", makefile, re.M).group(1).split()
     assert {"--dist", "loadfile"} <= set(solo) and int(solo[solo.index("-n") + 1]) <= 2
     assert "$(SOLO_XDIST) -m solo" in makefile
+
+
+# -- the test servers: forked by a zygote, or fresh (tests/server.py, tests/zygote.py) ----------------------
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("PPid:")).split()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fresh", ["0", "1"])
+def test_a_test_server_gets_its_environment_and_reports_its_exit_like_a_subprocess(tiny_dir, monkeypatch, fresh):
+    """Forked or fresh, a test server reads the environment it was given (the API key), and its end reads as
+    Popen's does (-9 after SIGKILL); a forked one's parent is the zygote, a fresh one's this process."""
+    import httpx
+
+    from tests.server import running_server
+
+    monkeypatch.setenv("VIT_TEST_FRESH_SERVERS", fresh)
+    with running_server(["--model", f"tiny=local-dir:{tiny_dir}"], env={"VIT_API_KEY": "k3y"}) as s:
+        assert (_ppid(s.proc.pid) == os.getpid()) == (fresh == "1")
+        assert httpx.get(s.url + "/models", timeout=10).status_code == 401
+        assert httpx.get(s.url + "/models", headers={"X-API-Key": "k3y"}, timeout=10).status_code == 200
+        assert s.proc.poll() is None
+        s.proc.kill()
+        assert s.proc.wait(timeout=30) == -signal.SIGKILL and s.proc.poll() == -signal.SIGKILL
