@@ -13,7 +13,6 @@ import huggingface_hub
 import numpy as np
 import timm
 from PIL import Image
-from timm.data import ImageNetInfo
 from torch import nn
 
 from service import imaging
@@ -109,32 +108,6 @@ class Preprocess:
     def __call__(self, img: Image.Image) -> np.ndarray:
         """Whole RGB image -> (H, W, 3) uint8 at the input size."""
         return imaging.to_input(img if img.mode == "RGB" else img.convert("RGB"), self.size, self.resample)
-
-
-def class_labels(model: nn.Module) -> list[str]:
-    """Human-readable names: the config's label descriptions or names, else ImageNet-1k, else `class N`."""
-    n = int(model.num_classes)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = _as_list(cfg.get("label_names"), n)
-    descriptions = cfg.get("label_descriptions")
-    if isinstance(descriptions, dict) and names:
-        return [str(descriptions.get(nm, nm)) for nm in names]
-    described = _as_list(descriptions, n)
-    if described:
-        return described
-    if names:
-        return names
-    if n == 1000:
-        return list(ImageNetInfo("imagenet-1k").label_descriptions())
-    return [f"class {i}" for i in range(n)]
-
-
-def _as_list(labels, n: int) -> list[str] | None:
-    if isinstance(labels, dict):
-        labels = [labels.get(i, labels.get(str(i), f"class {i}")) for i in range(n)]
-    if isinstance(labels, (list, tuple)) and len(labels) == n:
-        return [str(x) for x in labels]
-    return None
 
 
 def create(spec: ModelSpec) -> nn.Module:

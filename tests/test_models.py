@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from service.engine.adapters.timm_models import class_labels
 from service.engine.engine import Engine
-from service.models import ModelSpec, Preprocess, class_labels
+from service.models import ModelSpec, Preprocess
 from tests import reference as ref
 from tests.conftest import make_model, smooth_image
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.engine.adapters import Adapter, Anatomy, UnsupportedModel
+from service.engine.adapters.base import Adapter, Anatomy, UnsupportedModel
 
 __all__ = ["CPU_CHUNK", "Capture", "UnsupportedModel", "attend", "capture", "install"]
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import ImageNetInfo
 from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
 from torch import nn
 
-from service import models
-from service.engine.adapters import (
+from service.engine.adapters.base import (
     QKV,
     Adapter,
     Anatomy,
@@ -165,11 +165,37 @@ def describe(model: nn.Module) -> Anatomy | None:
     return Anatomy(
         source="timm", family=name, blocks=list(blocks), attentions=attns, pool=pool, grid=grid, prefix=prefix,
         pooling=pooling, input_size=tuple(int(s) for s in img_size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-        labels=tuple(models.class_labels(model)), heads=heads, head_dim=head_dim, embed_dim=int(model.embed_dim),
+        labels=tuple(class_labels(model)), heads=heads, head_dim=head_dim, embed_dim=int(model.embed_dim),
         forward=model, interpolation=cfg.get("interpolation", "bicubic"),
         # VisionTransformer's head drops the prefix tokens before its pool unless told not to; Eva's keeps them
         pool_skip=prefix if pool is not None and hasattr(model, "pool_include_prefix") and not include_prefix else 0,
     )
+
+
+def class_labels(model: nn.Module) -> list[str]:
+    """Human-readable names: the config's label descriptions or names, else ImageNet-1k, else `class N`."""
+    n = int(model.num_classes)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = _as_list(cfg.get("label_names"), n)
+    descriptions = cfg.get("label_descriptions")
+    if isinstance(descriptions, dict) and names:
+        return [str(descriptions.get(nm, nm)) for nm in names]
+    described = _as_list(descriptions, n)
+    if described:
+        return described
+    if names:
+        return names
+    if n == 1000:
+        return list(ImageNetInfo("imagenet-1k").label_descriptions())
+    return [f"class {i}" for i in range(n)]
+
+
+def _as_list(labels, n: int) -> list[str] | None:
+    if isinstance(labels, dict):
+        labels = [labels.get(i, labels.get(str(i), f"class {i}")) for i in range(n)]
+    if isinstance(labels, (list, tuple)) and len(labels) == n:
+        return [str(x) for x in labels]
+    return None
 
 
 register_source("timm", describe)

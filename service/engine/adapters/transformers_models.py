@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from service.engine import capture
-from service.engine.adapters import Adapter, Anatomy, UnsupportedModel, attention_of, register_adapter, register_source
+from service.engine.adapters.base import (
+    Adapter,
+    Anatomy,
+    UnsupportedModel,
+    attention_of,
+    register_adapter,
+    register_source,
+)
 
 ATTN_IMPLEMENTATION = "vit_explain"
 _BLOCK = "_vit_explain_block"  # the attention module's block index, set by `bind`
