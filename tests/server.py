@@ -11,6 +11,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,18 +81,28 @@ def _zygote_path() -> str:
     global _zygote
     with _zygote_lock:
         if _zygote is None or _zygote[0].poll() is not None:
-            path = os.path.join(tempfile.mkdtemp(prefix="vit-zygote-"), "sock")
-            proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", path], stdin=subprocess.PIPE,
-                                    cwd=Path(__file__).resolve().parents[1],
-                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            atexit.register(proc.stdin.close)  # its stdin closes: it exits
+            folder = tempfile.mkdtemp(prefix="vit-zygote-")
+            path = os.path.join(folder, "sock")
+            with open(os.path.join(folder, "log"), "wb") as log:  # not pytest's capture of the test that started it
+                proc = subprocess.Popen([sys.executable, "-m", "tests.zygote", path], stdin=subprocess.PIPE,
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            atexit.register(_end_zygote, proc, folder)
             deadline = time.monotonic() + 120
-            while not os.path.exists(path):
+            while not os.path.exists(path):  # it appears once the zygote listens (tests/zygote.py)
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the test servers' zygote did not start (exit {proc.poll()})")
+                    with open(os.path.join(folder, "log")) as f:
+                        raise RuntimeError(f"the test servers' zygote did not start (exit {proc.poll()}):\n{f.read()}")
                 time.sleep(0.05)
             _zygote = (proc, path)
         return _zygote[1]
+
+
+def _end_zygote(proc: subprocess.Popen, folder: str) -> None:
+    proc.stdin.close()  # its stdin closes: it exits
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _start(cmd: list[str], log_fd: int, log_path: str, env: dict) -> subprocess.Popen | Forked:

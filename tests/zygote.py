@@ -57,8 +57,9 @@ def _serve(request: dict) -> None:
 
 def _loop(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(path + ".new")
     listener.listen(64)
+    os.rename(path + ".new", path)  # the path appears only once connections are accepted
     children: dict[int, socket.socket] = {}  # pid -> the connection its status goes back on
     while True:
         ready, _, _ = select.select([listener, sys.stdin], [], [], 0.1)
