@@ -90,6 +90,7 @@ def _loop(path: str) -> None:
 
 
 def main(path: str) -> None:
+    # the imports every server makes (torch, timm, torchvision, FastAPI, the app), made once, here
     import service.__main__
     import service.app
     import service.cli.serve
