@@ -486,8 +486,8 @@ def test_the_queue_refuses_before_decoding():
     asyncio.run(main())
 
 
-@pytest.mark.solo  # bounds a latency: after the parallel run (Makefile)
 # -- units: the pieces the server tests rely on ------------------------------------------------------------
+@pytest.mark.solo  # bounds a latency: after the parallel run (Makefile)
 def test_prescan_is_linear_and_allows_ordinary_bodies():
     big = json.dumps({"image": "A" * 15_000_000, "format": "json", "model": 'a"b\\c'}).encode()
     started = time.perf_counter()
