@@ -129,9 +129,22 @@ def test_channel_range_depends_on_the_target(setups):
             AM.Params(**bad)
 
 
+def _same_ascent(got: np.ndarray, recorded: np.ndarray) -> None:
+    """The same five steps, up to float32 rounding. Another CPU's kernels round differently (on a machine
+    other than the recording's, one pixel in 3072 came out 1.6e-4 away), and Adam's step,
+    normalised by the gradient's size, can carry a rounding-sized difference in a near-zero gradient into a
+    step of lr. So: the mean difference far below a changed recipe's, and at most a few pixels past 2e-5.
+    Measured: rounding gave means of at most 1e-6 and 0-1 such pixels; lr changed by 0.1% gave means of
+    1.3e-4 to 2.7e-4 and 2880-2990 of 3072 pixels past 2e-5."""
+    diff = np.abs(got - recorded)
+    assert diff.mean() < 1e-5, f"mean difference {diff.mean():.2e}"
+    assert (diff > 2e-5).sum() <= 0.005 * diff.size, f"{(diff > 2e-5).sum()} of {diff.size} pixels past 2e-5"
+
+
 def test_param_pixel_answers_as_the_recipe_did_before_fourier():
     """tests/data/record_activation_max_pixel.py recorded these with the code of the time: the same
-    model, recipes and steps must give the same pixels and objectives, to float32 rounding."""
+    model, recipes and steps must give the same pixels and objectives, to float32 rounding
+    (_same_ascent says what that allows)."""
     from service.engine.engine import Engine
 
     engine = Engine(make_model("vit_small_patch32_224", seed=2), torch.device("cpu"))
@@ -143,9 +156,9 @@ def test_param_pixel_answers_as_the_recipe_did_before_fourier():
     jobs = [job("activation-max", param="pixel", steps=5, **c) for c in cases]
     states = ascend(engine, jobs, [None, None, None, np.asarray(smooth_image(43))])
     for i, s in enumerate(states):
-        np.testing.assert_allclose(s.pixels[:, 96:128, 96:128].numpy(), recorded[f"corner{i}"], atol=2e-5, rtol=0)
-        np.testing.assert_allclose(s.pixels.double().sum(dim=(1, 2)).numpy(), recorded[f"sums{i}"], rtol=1e-5)
-        np.testing.assert_allclose(s.objective, recorded[f"objective{i}"], rtol=1e-4, atol=1e-5)
+        _same_ascent(s.pixels[:, 96:128, 96:128].numpy(), recorded[f"corner{i}"])
+        np.testing.assert_allclose(s.pixels.double().sum(dim=(1, 2)).numpy(), recorded[f"sums{i}"], rtol=1e-6)
+        np.testing.assert_allclose(s.objective, recorded[f"objective{i}"], rtol=1e-3, atol=1e-5)
 
 
 def test_fourier_copies_batch_invariance_and_the_objective_rises(setups):

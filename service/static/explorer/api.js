@@ -130,8 +130,10 @@ export async function readEvents(resp, onEvent) {
   if (buffer.trim()) flush(buffer);
 }
 
+// A word the shell reads as written stays bare; anything else is single-quoted, each single quote inside closed, escaped and reopened.
+const SHELL_SAFE = /^[A-Za-z0-9_.,:\/=@+-]+$/;
 function shellQuote(s) {
-  return /^[A-Za-z0-9_.,:/=@+-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+  return SHELL_SAFE.test(s) ? s : "'" + s.replaceAll("'", "'\\''") + "'";
 }
 
 // The curl command that makes the same request (the key as $VIT_API_KEY, never written out)
