@@ -105,12 +105,14 @@ def _end_zygote(proc: subprocess.Popen, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _start(cmd: list[str], log_fd: int, log_path: str, env: dict) -> subprocess.Popen | Forked:
+def _start(argv: list[str], log_fd: int, log_path: str, env: dict) -> subprocess.Popen | Forked:
+    """`python -m service ARGV`, forked by the zygote or (VIT_TEST_FRESH_SERVERS=1) a fresh interpreter."""
+    cmd = [sys.executable, "-m", "service", *argv]
     if os.environ.get("VIT_TEST_FRESH_SERVERS") == "1":
         return subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, env=env)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(_zygote_path())
-    conn.sendall(json.dumps({"argv": cmd[3:], "env": env, "cwd": os.getcwd(), "log": log_path}).encode() + b"\n")
+    conn.sendall(json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(), "log": log_path}).encode() + b"\n")
     return Forked(conn, cmd)
 
 
@@ -159,8 +161,8 @@ def free_port() -> int:
 def running_server(args: list[str], ready_timeout: float = 180, env: dict | None = None) -> Iterator[Server]:
     port = free_port()
     fd, log_path = tempfile.mkstemp(prefix="vit-server-", suffix=".log")
-    cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
-    proc = _start(cmd, fd, log_path, {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = _start(["serve", "--port", str(port), *args], fd, log_path, env)
     os.close(fd)
     server = Server(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + ready_timeout

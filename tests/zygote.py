@@ -15,6 +15,7 @@ commands, the CLI) stay fresh interpreters; `VIT_TEST_FRESH_SERVERS=1` makes eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -82,10 +83,8 @@ def _loop(path: str) -> None:
                 break
             conn = children.pop(pid, None)
             if conn is not None:
-                try:
+                with contextlib.suppress(OSError):  # the test may have stopped listening
                     conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
-                except OSError:
-                    pass  # the test has stopped listening
                 conn.close()
 
 
