@@ -267,6 +267,11 @@ WORK = {
                         ("gae", 1, 0), ("gae", 2, 0), ("gae", 3, 0), ("grad-rollout", 3, 0)]]}),
     "long": ("/activation-max", {"steps": 1000, "format": "json"}),
 }
+# Long work's steps run at nice 10 (service/batching.py): beside the saturated parallel run, the step in flight
+# when the work stops (0.26 CPU-s here, one core) gets a tenth of a core and ends about 2.6 s later, inside the
+# window these tests count (0.26 s counted once, against 0.25); on a core of its own it ends within 0.3 s.
+# So its cases count the server's CPU after the parallel run, as every solo test does (Makefile).
+KINDS = [pytest.param(k, marks=pytest.mark.solo) if k == "long" else k for k in sorted(WORK)]
 
 
 def _cpu_over(pid: int, window_s: float) -> float:
@@ -279,7 +284,7 @@ def _port(server) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
-@pytest.mark.parametrize("kind", sorted(WORK))
+@pytest.mark.parametrize("kind", KINDS)
 def test_after_a_504_nothing_runs_for_the_request_a_second_later(server, kind):
     path, body = WORK[kind]
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -294,7 +299,7 @@ def test_after_a_504_nothing_runs_for_the_request_a_second_later(server, kind):
     _budgets_free(server)
 
 
-@pytest.mark.parametrize("kind", sorted(WORK))
+@pytest.mark.parametrize("kind", KINDS)
 def test_after_a_disconnect_nothing_runs_for_the_request_a_second_later(server, kind):
     path, body = WORK[kind]
     data = json.dumps(body).encode()
