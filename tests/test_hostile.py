@@ -173,6 +173,7 @@ def test_validation_errors_echo_a_short_safe_excerpt(client):
     assert resp.status_code in (400, 422) and len(resp.content) < 2048, resp.text[:300]
 
 
+@pytest.mark.solo  # bounds /healthz's latency (alone: 0.02 s at worst): after the parallel run (Makefile)
 def test_health_answers_while_huge_json_bodies_are_parsed(server, client):
     body = b"{" + b",".join(b'"k%d":1' % i for i in range(700_000)) + b"}"  # ~8 MB, under the body limit
 
