@@ -280,6 +280,16 @@ def _cpu_over(pid: int, window_s: float) -> float:
     return _cpu_s(pid) - cpu0
 
 
+def _working(pid: int, within_s: float = 5.0) -> bool:
+    """Whether the server uses 0.1 CPU-s within a second of some moment of the next `within_s`: long work's
+    steps run at nice 10, and on a busy machine a second can pass with little of a core for them."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if _cpu_over(pid, 1.0) > 0.1:
+            return True
+    return False
+
+
 def _port(server) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
@@ -307,7 +317,7 @@ def test_after_a_disconnect_nothing_runs_for_the_request_a_second_later(server, 
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
         time.sleep(1.0)  # decoded, computing
-        assert _cpu_over(server.proc.pid, 1.0) > 0.1, f"{kind}: the premise: the work was running"
+        assert _working(server.proc.pid), f"{kind}: the premise: the work was running"
     time.sleep(1.0)  # the client has left: within a second nothing runs for it
     grew = _cpu_over(server.proc.pid, 2.0)
     assert grew < IDLE_CPU_S, f"{kind}: the server used {grew:.2f} s of CPU in the 2 s after its client left"

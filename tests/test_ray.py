@@ -373,9 +373,9 @@ def test_serve_answers_503_with_retry_after_past_its_queue(cluster, model_dirs):
     overrides, shape, _ = ray_cli.parse(argv)
     url = ray_serve.deploy(overrides, shape, name="edge", route_prefix="/edge")
     img = smooth_image(303)
-    # 2 settings x 2 x 65 = 260 forward passes: 7 s on the replica alone (the request timeout is 60 s);
-    # the burst comes at 2 s
-    long = dict(format="json", category_id=1, faithfulness="true", faithfulness_steps=64, discard_ratios="0,0.9")
+    # scored with 2 x 65 forward passes: about 3 s on the replica alone, the burst comes at 1 s (under a
+    # saturated machine the work takes up to ten times longer, against a request timeout of 60 s)
+    long = dict(format="json", category_id=1, faithfulness="true", faithfulness_steps=64)
     try:
         def one(path, **fields):
             with httpx.Client(base_url=url, timeout=120) as c:
@@ -383,8 +383,8 @@ def test_serve_answers_503_with_retry_after_past_its_queue(cluster, model_dirs):
 
         with ThreadPoolExecutor(12) as pool:
             t0 = time.monotonic()
-            running = pool.submit(one, "/grad-rollout/sweep", **long)
-            time.sleep(2.0)
+            running = pool.submit(one, "/grad-rollout", **long)
+            time.sleep(1.0)
             burst = list(pool.map(lambda _: one("/grad-rollout", format="json", category_id=1), range(11)))
             assert running.result().status_code == 200, running.result().text
             print(f"the long request and the burst's waiting one took {time.monotonic() - t0:.1f} s")
