@@ -60,7 +60,8 @@ def test_profile_prints_the_busiest_ops_of_each_case(capsys):
 def test_compare_alternates_two_servers_from_their_own_trees(tmp_path):
     here = Path(__file__).resolve().parents[1]
     lines: list[str] = []
-    out = compare([here, here], ["rollout-json"], clients=2, reps=2, duration=0.5, warmup=0.2,
+    # 1.5 s windows: a saturated machine served no request in some 0.5 s window (rollout takes 0.05 s alone)
+    out = compare([here, here], ["rollout-json"], clients=2, reps=2, duration=1.5, warmup=0.2,
                   workdir=tmp_path, log=lines.append)
     assert list(out) == ["rollout-json"] and all(len(v) == 2 and min(v) > 0 for v in out["rollout-json"])
     assert "faster in" in lines[-1]

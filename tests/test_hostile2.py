@@ -223,8 +223,12 @@ def _stream(server, body: dict) -> tuple[list[tuple[str, dict]], float]:
 @pytest.mark.solo  # ten steps within a timeout: after the parallel run (Makefile)
 def test_a_stream_longer_than_every_timer_but_the_request_timeout_ends_with_its_result(server):
     steps = 10
-    while True:  # as many steps as last about 4 read timeouts on this machine, now
+    for _ in range(10):  # as many steps as last about 4 read timeouts on this machine, now
         events, took = _stream(server, {"steps": steps, "format": "json"})
+        if events[-1][0] == "error":  # the machine slowed down past the request timeout: fewer steps
+            assert events[-1][1]["status"] == 504 and took > REQUEST_TIMEOUT_S - 1, (steps, took, events[-1])
+            steps = max(1, steps // 3)
+            continue
         # a progress event per step, then one for the robustness pass after the last step
         assert [n for n, _ in events] == ["progress"] * (steps + 1) + ["result"], (steps, took, events[-1])
         if took > 3 * READ_TIMEOUT_S or steps >= 1000:
