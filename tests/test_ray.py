@@ -353,7 +353,7 @@ def test_killing_a_replica_under_load_loses_no_retried_request(client, models):
             return _post(c, "/rollout", img, format="json").headers["x-replica"]
 
     seen: set[str] = set()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # a saturated machine's proxy had not learned of it in 30 s
     with ThreadPoolExecutor(8) as pool:
         while len(seen) < 2 and time.monotonic() < deadline:
             seen |= set(pool.map(one, range(16)))
