@@ -366,7 +366,7 @@ def test_serve_answers_503_with_retry_after_past_its_queue(cluster, model_dirs):
     runs, a burst gets the one waiting place (answered once the long one ends) and Serve's own 503 +
     Retry-After for the rest (plain text, not the service's JSON). A burst with nothing running yet
     may find the waiting place taken by its own first request, on its way to the replica (seen: one
-    200 of 12 in a CI run); the long request, sent seconds before the burst, has left it."""
+    200 of 12 in a CI run); the long request, sent a second before the burst, has left it."""
     argv = ["--model", f"deit=local-dir:{model_dirs[ARCH]}", "--replicas", "1", "--replica-cpus", "0.5",
             "--max-ongoing-requests", "1", "--max-queued-requests", "1", "--api-key", KEY,
             "--request-timeout-s", "300", "--host", "127.0.0.1", "--port", cluster.rsplit(":", 1)[1]]
